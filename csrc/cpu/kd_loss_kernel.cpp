@@ -1,0 +1,257 @@
+// CPU kernels of kd_loss_forward and kd_loss_topk_forward.
+//
+// Row-parallel (at::parallel_for over rows); each row is evaluated by
+// pydistill::cpu::divergence_row (math derived in kd_row_cpu.h) in the compute type
+// (float for float32/float16/bfloat16, double for float64). The gradient w.r.t. the logits
+// is produced in the same call as the loss when asked for, so the autograd backward only
+// scales it by the incoming per-row gradient.
+//
+// kd_loss_topk_forward: the teacher row is rebuilt in scratch as logits that are -inf off
+// the K given entries, so that its softmax is the softmax over the K given logits, and the
+// dense row kernel runs unchanged; the teacher gradient is gathered back to [.., K].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#include "pydistill/checks.h"
+#include "pydistill/divergence.h"
+#include "pydistill/kd_row_cpu.h"
+
+namespace pydistill {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kPad = 64;  // scratch padding: whole-vector loads past the row end
+
+int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// Row buffers for one worker: compute-type copies of the rows (only for half/bf16) and
+// the kernel's scratch. Zero-initialised so padded lanes read as 0.
+template <typename opmath_t>
+struct Scratch {
+  std::vector<opmath_t> buf;
+  int64_t stride;
+  Scratch(int64_t V, int n) : buf(static_cast<size_t>((V + kPad) * n), opmath_t(0)), stride(V + kPad) {}
+  opmath_t* row(int i) { return buf.data() + i * stride; }
+};
+
+template <typename scalar_t, typename opmath_t>
+inline const opmath_t* as_compute(const scalar_t* src, int64_t V, opmath_t* tmp) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    return src;
+  } else {
+    for (int64_t j = 0; j < V; ++j) tmp[j] = static_cast<opmath_t>(src[j]);
+    return tmp;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void store_back(const opmath_t* src, int64_t V, scalar_t* dst) {
+  if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+    for (int64_t j = 0; j < V; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
+    const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
+    std::string_view divergence, double beta, double temperature, bool grad_student,
+    bool grad_teacher) {
+  check_floating(student, "student_logits");
+  check_floating(teacher, "teacher_logits");
+  TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "pydistill_ext: teacher_logits shape ",
+              teacher.sizes(), " must equal student_logits shape ", student.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "pydistill_ext: teacher_logits dtype ",
+              teacher.scalar_type(), " must equal student_logits dtype ", student.scalar_type());
+  check_same_device(student, "student_logits", teacher, "teacher_logits");
+  check_temperature(temperature);
+  const DivergencePlan plan = plan_divergence(std::string(divergence), beta);
+  const int64_t V = student.size(-1);
+  const int64_t N = V == 0 ? 0 : student.numel() / V;
+  check_valid(valid, student, N);
+
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  const auto op_dtype = at::toOpMathType(student.scalar_type());
+  Tensor loss = at::zeros(lead, student.options().dtype(op_dtype));
+  Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
+                           : at::empty({0}, student.options());
+  Tensor gt = grad_teacher ? at::empty_like(teacher, at::MemoryFormat::Contiguous)
+                           : at::empty({0}, teacher.options());
+  if (N == 0 || V == 0) {
+    if (grad_student) gs.zero_();
+    if (grad_teacher) gt.zero_();
+    return {loss, gs, gt};
+  }
+  const Tensor s = student.contiguous(), t = teacher.contiguous();
+  const Tensor vmask = valid.has_value() ? valid->contiguous() : Tensor();
+  const bool* vptr = valid.has_value() ? vmask.data_ptr<bool>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_forward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    opmath_t* lp = loss.data_ptr<opmath_t>();
+    const opmath_t inv_temp = static_cast<opmath_t>(1.0 / temperature);
+    constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+      // rows: 0 ep, 1 eq, 2 lm, then (reduced only) 3 s, 4 t, 5 gs, 6 gt
+      Scratch<opmath_t> sc(V, reduced ? 7 : 3);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* gs_row = gsp ? gsp + r * V : nullptr;
+        scalar_t* gt_row = gtp ? gtp + r * V : nullptr;
+        if (vptr && !vptr[r]) {
+          if (gs_row) std::fill(gs_row, gs_row + V, scalar_t(0));
+          if (gt_row) std::fill(gt_row, gt_row + V, scalar_t(0));
+          continue;
+        }
+        const opmath_t* srow = as_compute<scalar_t, opmath_t>(sp + r * V, V, reduced ? sc.row(3) : nullptr);
+        const opmath_t* trow = as_compute<scalar_t, opmath_t>(tp + r * V, V, reduced ? sc.row(4) : nullptr);
+        opmath_t* gs_c = nullptr;
+        opmath_t* gt_c = nullptr;
+        if constexpr (reduced) {
+          gs_c = gs_row ? sc.row(5) : nullptr;
+          gt_c = gt_row ? sc.row(6) : nullptr;
+        } else {
+          gs_c = reinterpret_cast<opmath_t*>(gs_row);
+          gt_c = reinterpret_cast<opmath_t*>(gt_row);
+        }
+        const opmath_t* x = plan.teacher_is_p ? trow : srow;
+        const opmath_t* y = plan.teacher_is_p ? srow : trow;
+        opmath_t* gx = plan.teacher_is_p ? gt_c : gs_c;
+        opmath_t* gy = plan.teacher_is_p ? gs_c : gt_c;
+        lp[r] = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, gx, gy, sc.row(0),
+                                               sc.row(1), sc.row(2));
+        if constexpr (reduced) {
+          if (gs_row) store_back<scalar_t, opmath_t>(gs_c, V, gs_row);
+          if (gt_row) store_back<scalar_t, opmath_t>(gt_c, V, gt_row);
+        }
+      }
+    });
+  });
+  return {loss, gs, gt};
+}
+
+std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
+    const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
+    const std::optional<Tensor>& valid, std::string_view divergence, double beta,
+    double temperature, bool grad_student, bool grad_teacher) {
+  check_floating(student, "student_logits");
+  check_floating(teacher_topk, "teacher_logits_topk");
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "pydistill_ext: teacher_indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
+  TORCH_CHECK(indices.sizes() == teacher_topk.sizes(), "pydistill_ext: teacher_indices shape ",
+              indices.sizes(), " must equal teacher_logits_topk shape ", teacher_topk.sizes());
+  TORCH_CHECK(indices.dim() == student.dim() &&
+                  indices.sizes().slice(0, indices.dim() - 1) ==
+                      student.sizes().slice(0, student.dim() - 1),
+              "pydistill_ext: teacher_indices shape ", indices.sizes(),
+              " must match student_logits ", student.sizes(), " in all but the last dim");
+  check_same_device(student, "student_logits", indices, "teacher_indices");
+  check_same_device(student, "student_logits", teacher_topk, "teacher_logits_topk");
+  check_temperature(temperature);
+  const DivergencePlan plan = plan_divergence(std::string(divergence), beta);
+  TORCH_CHECK(!(plan.family == Family::KL && !plan.teacher_is_p),
+              "pydistill_ext: divergence '", divergence,
+              "' is infinite for a top-k teacher (zero mass off its K entries); use jsd, "
+              "skew_reverse_kl, forward_kl or tvd");
+  const int64_t V = student.size(-1);
+  const int64_t K = indices.size(-1);
+  TORCH_CHECK(K <= V, "pydistill_ext: top-k size K=", K, " exceeds the vocabulary V=", V);
+  const int64_t N = V == 0 ? 0 : student.numel() / V;
+  check_valid(valid, student, N);
+  const Tensor idx = indices.to(at::kLong).contiguous();
+  if (idx.numel() > 0) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < V, "pydistill_ext: teacher_indices must lie in [0, ", V,
+                "), got values in [", lo, ", ", hi, "]");
+  }
+
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  const auto op_dtype = at::toOpMathType(student.scalar_type());
+  Tensor loss = at::zeros(lead, student.options().dtype(op_dtype));
+  Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
+                           : at::empty({0}, student.options());
+  Tensor gt_c = grad_teacher ? at::zeros(indices.sizes(), student.options().dtype(op_dtype))
+                             : at::empty({0}, student.options().dtype(op_dtype));
+  if (N == 0 || V == 0) {
+    if (grad_student) gs.zero_();
+    return {loss, gs, gt_c.to(teacher_topk.scalar_type())};
+  }
+  const Tensor s = student.contiguous();
+  const Tensor tk = teacher_topk.to(op_dtype).contiguous();
+  const Tensor vmask = valid.has_value() ? valid->contiguous() : Tensor();
+  const bool* vptr = valid.has_value() ? vmask.data_ptr<bool>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_topk_forward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const opmath_t* tkp = tk.data_ptr<opmath_t>();
+    scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    opmath_t* gtp = grad_teacher ? gt_c.data_ptr<opmath_t>() : nullptr;
+    opmath_t* lp = loss.data_ptr<opmath_t>();
+    const opmath_t inv_temp = static_cast<opmath_t>(1.0 / temperature);
+    constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
+    const opmath_t ninf = -std::numeric_limits<opmath_t>::infinity();
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+      // rows: 0 ep, 1 eq, 2 lm, 3 dense teacher, 4 teacher grad, 5 student (reduced), 6 gs (reduced)
+      Scratch<opmath_t> sc(V, 7);
+      std::vector<int64_t> stamp(static_cast<size_t>(V), -1);
+      opmath_t* trow = sc.row(3);
+      std::fill(trow, trow + V, ninf);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* gs_row = gsp ? gsp + r * V : nullptr;
+        const int64_t* irow = ip + r * K;
+        for (int64_t k = 0; k < K; ++k) {
+          TORCH_CHECK(stamp[irow[k]] != r, "pydistill_ext: teacher_indices row ", r,
+                      " repeats vocabulary index ", irow[k], "; the K indices must be distinct");
+          stamp[irow[k]] = r;
+        }
+        if (vptr && !vptr[r]) {
+          if (gs_row) std::fill(gs_row, gs_row + V, scalar_t(0));
+          continue;
+        }
+        for (int64_t k = 0; k < K; ++k) trow[irow[k]] = tkp[r * K + k];
+        const opmath_t* srow = as_compute<scalar_t, opmath_t>(sp + r * V, V, reduced ? sc.row(5) : nullptr);
+        opmath_t* gs_c = nullptr;
+        if constexpr (reduced) {
+          gs_c = gs_row ? sc.row(6) : nullptr;
+        } else {
+          gs_c = reinterpret_cast<opmath_t*>(gs_row);
+        }
+        opmath_t* gt_dense = gtp ? sc.row(4) : nullptr;
+        const opmath_t* x = plan.teacher_is_p ? trow : srow;
+        const opmath_t* y = plan.teacher_is_p ? srow : trow;
+        opmath_t* gx = plan.teacher_is_p ? gt_dense : gs_c;
+        opmath_t* gy = plan.teacher_is_p ? gs_c : gt_dense;
+        lp[r] = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, gx, gy, sc.row(0),
+                                               sc.row(1), sc.row(2));
+        if (gtp)
+          for (int64_t k = 0; k < K; ++k) gtp[r * K + k] = gt_dense[irow[k]];
+        for (int64_t k = 0; k < K; ++k) trow[irow[k]] = ninf;
+        if constexpr (reduced) {
+          if (gs_row) store_back<scalar_t, opmath_t>(gs_c, V, gs_row);
+        }
+      }
+    });
+  });
+  return {loss, gs, gt_c.to(teacher_topk.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pydistill_ext, CPU, m) {
+  m.impl("kd_loss_forward", &kd_loss_forward_cpu);
+  m.impl("kd_loss_topk_forward", &kd_loss_topk_forward_cpu);
+}
+
+}  // namespace pydistill

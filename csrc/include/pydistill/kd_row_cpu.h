@@ -1,0 +1,252 @@
+// One row of a KD divergence on the CPU, vectorized with at::vec::Vectorized.
+//
+// Math (REFERENCE.md section 1). For a row with P-logits x and Q-logits y, temperature T:
+//   ep_j = exp((x_j - max x) / T),  Zp = sum_j ep_j,  p_j = ep_j / Zp,
+//   lp_j = (x_j - max x) / T - log Zp                  (likewise eq, Zq, q, lq)
+// so no exp ever sees a positive argument and log-probabilities are formed from shifted
+// logits (no cancellation between two large log-sum-exps).
+//
+//   KL   L = sum_j p_j d_j + log Zq - log Zp,  d_j = ((x_j - mx) - (y_j - my)) / T
+//        dL/dy = (q - p) / T
+//        dL/dx = p * (lp - lq - L) / T
+//   SKEW lm_j = logaddexp(log w + lp_j, log(1-w) + lq_j)       (log of w p + (1-w) q)
+//        rho_j = (1-w) q_j / m_j = exp(log(1-w) + lq_j - lm_j),  S = sum_j p_j rho_j
+//        L = sum_j p_j (lp_j - lm_j)
+//        dL/dy = (q * S - p * rho) / T
+//        dL/dx = p * (lp - lm + rho - L - S) / T
+//   JSD  lm as SKEW; Kp = sum p (lp - lm), Kq = sum q (lq - lm), L = w Kp + (1-w) Kq
+//        dL/dx = w p (lp - lm - Kp) / T,  dL/dy = (1-w) q (lq - lm - Kq) / T
+//   TVD  sigma_j = sign(q_j - p_j) (sign 0 = 0), L = 1/2 sum |p - q|
+//        Sq = sum q sigma, Sp = sum p sigma
+//        dL/dy = 1/2 q (sigma - Sq) / T,  dL/dx = -1/2 p (sigma - Sp) / T
+// Each follows from dL/dlogit_i = (G_i - p_i sum_j G_j) / T with G = dL/dlog p (the
+// log-softmax Jacobian) and was checked against float64 autograd (tests/ops).
+//
+// Numerics: the xlogy rule p * (...) = 0 whenever p == 0 is applied with a select, never a
+// multiply, so -inf logits (masked vocabulary), exp underflow and log-probabilities below
+// -104 give exact zeros instead of 0 * inf = NaN; log M is formed in log space (Liger issue
+// 1453). Lanes past the row end are filled with -inf and fall under the same rule.
+//
+// Passes: (1) row maxima, (2) exponentials and normalisers (KL also accumulates its loss
+// here), (3) SKEW/JSD/TVD loss and cross-column sums, (4) gradients. Passes 2-4 read rows
+// that the first pass pulled into cache; ep/eq are kept in scratch so that each element
+// pays exactly one exp per distribution.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "pydistill/divergence.h"
+
+namespace pydistill {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& v) {
+  return v.exp();
+}
+template <>
+inline Vectorized<float> vexp<float>(const Vectorized<float>& v) {
+  // exp_u20: 20-ulp polynomial exp (flushes results below FLT_MIN to 0), several times
+  // cheaper than Sleef's 1-ulp expf; ample for a loss accumulated over the row.
+  return v.exp_u20();
+}
+
+// Load count (<= size) elements; lanes past count read as -inf.
+template <typename T>
+inline Vectorized<T> load_row(const T* ptr, int64_t count) {
+  using Vec = Vectorized<T>;
+  if (count >= Vec::size()) return Vec::loadu(ptr);
+  const Vec lanes = Vec::arange(T(0), T(1));
+  const Vec in_row = lanes < Vec(static_cast<T>(count));
+  return Vec::blendv(Vec(-std::numeric_limits<T>::infinity()),
+                     Vec::loadu(ptr, count), in_row);
+}
+
+template <typename T>
+inline void store_row(const Vectorized<T>& v, T* ptr, int64_t count) {
+  if (count >= Vectorized<T>::size())
+    v.store(ptr);
+  else
+    v.store(ptr, count);
+}
+
+// select(mask, a, b): a where mask, else b
+template <typename T>
+inline Vectorized<T> select(const Vectorized<T>& mask, const Vectorized<T>& a,
+                            const Vectorized<T>& b) {
+  return Vectorized<T>::blendv(b, a, mask);
+}
+
+// log(exp(a) + exp(b)), -inf when both are -inf.
+template <typename T>
+inline Vectorized<T> logaddexp(const Vectorized<T>& a, const Vectorized<T>& b) {
+  using Vec = Vectorized<T>;
+  const Vec hi = at::vec::maximum(a, b);
+  const Vec lo = at::vec::minimum(a, b);
+  const Vec ninf(-std::numeric_limits<T>::infinity());
+  const Vec r = hi + vexp(lo - hi).log1p();
+  return select(hi == ninf, ninf, r);
+}
+
+template <typename T>
+struct RowOut {
+  T loss;
+  bool degenerate;  // a side with every logit -inf: loss 0, gradient 0
+};
+
+// Computes one row. x, y: P and Q logits (length V, compute dtype). gx, gy: gradient rows
+// (nullptr when not wanted). ep, eq, lm: scratch rows of length V.
+template <typename T>
+T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, T inv_temp,
+                 T* gx, T* gy, T* ep, T* eq, T* lm) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T ninf = -std::numeric_limits<T>::infinity();
+
+  // pass 1: maxima
+  Vec vmx(ninf), vmy(ninf);
+  for (int64_t j = 0; j < V; j += W) {
+    vmx = at::vec::maximum(vmx, load_row(x + j, V - j));
+    vmy = at::vec::maximum(vmy, load_row(y + j, V - j));
+  }
+  const T mx = at::vec::vec_reduce_all<T>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmx);
+  const T my = at::vec::vec_reduce_all<T>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmy);
+  if (std::isnan(mx) || std::isnan(my)) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (int64_t j = 0; j < V; ++j) {
+      if (gx) gx[j] = nan;
+      if (gy) gy[j] = nan;
+    }
+    return nan;
+  }
+  if (mx == ninf || my == ninf) {
+    for (int64_t j = 0; j < V; ++j) {
+      if (gx) gx[j] = T(0);
+      if (gy) gy[j] = T(0);
+    }
+    return T(0);
+  }
+
+  const Vec vmxs(mx), vmys(my), vit(inv_temp), zero(T(0));
+  const bool is_kl = plan.family == Family::KL;
+
+  // pass 2: exponentials, normalisers; KL also accumulates sum ep * d
+  Vec zp(T(0)), zq(T(0)), sd(T(0));
+  for (int64_t j = 0; j < V; j += W) {
+    const Vec xs = (load_row(x + j, V - j) - vmxs) * vit;
+    const Vec ys = (load_row(y + j, V - j) - vmys) * vit;
+    const Vec a = vexp(xs), b = vexp(ys);
+    zp = zp + a;
+    zq = zq + b;
+    if (is_kl) sd = sd + select(a > zero, a * (xs - ys), zero);
+    store_row(a, ep + j, V - j);
+    store_row(b, eq + j, V - j);
+  }
+  auto hsum = [](const Vec& v) {
+    return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v);
+  };
+  const T Zp = hsum(zp), Zq = hsum(zq);
+  const T logZp = std::log(Zp), logZq = std::log(Zq);
+  const T invZp = T(1) / Zp, invZq = T(1) / Zq;
+  const Vec vinvZp(invZp), vinvZq(invZq), vlogZp(logZp), vlogZq(logZq);
+
+  if (is_kl) {
+    const T L = hsum(sd) * invZp + logZq - logZp;
+    if (gx || gy) {
+      const Vec vL(L);
+      for (int64_t j = 0; j < V; j += W) {
+        const int64_t n = V - j;
+        const Vec p = Vec::loadu(ep + j) * vinvZp;
+        const Vec q = Vec::loadu(eq + j) * vinvZq;
+        if (gy) store_row((q - p) * vit, gy + j, n);
+        if (gx) {
+          const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
+          const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
+          store_row(select(p > zero, p * (lp - lq - vL) * vit, zero), gx + j, n);
+        }
+      }
+    }
+    return L;
+  }
+
+  const T w = static_cast<T>(plan.w);
+  const Vec vlogw(std::log(w)), vlog1mw(std::log1p(-w));
+  const bool want_grad = gx || gy;
+
+  // pass 3: loss and cross-column sums
+  Vec acc0(T(0)), acc1(T(0)), acc2(T(0));
+  for (int64_t j = 0; j < V; j += W) {
+    const int64_t n = V - j;
+    const Vec a = Vec::loadu(ep + j), b = Vec::loadu(eq + j);
+    const Vec p = a * vinvZp, q = b * vinvZq;
+    if (plan.family == Family::TVD) {
+      const Vec diff = q - p;
+      const Vec one(T(1));
+      const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
+      acc0 = acc0 + diff.abs();
+      acc1 = acc1 + q * sigma;
+      acc2 = acc2 + p * sigma;
+      continue;
+    }
+    const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
+    const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
+    const Vec m = logaddexp(vlogw + lp, vlog1mw + lq);
+    if (want_grad) store_row(m, lm + j, n);
+    acc0 = acc0 + select(a > zero, p * (lp - m), zero);
+    if (plan.family == Family::SKEW) {
+      const Vec rho = select(b > zero, vexp(vlog1mw + lq - m), zero);
+      acc1 = acc1 + p * rho;
+    } else {  // JSD
+      acc1 = acc1 + select(b > zero, q * (lq - m), zero);
+    }
+  }
+  const T s0 = hsum(acc0), s1 = hsum(acc1), s2 = hsum(acc2);
+  T L;
+  if (plan.family == Family::TVD)
+    L = T(0.5) * s0;
+  else if (plan.family == Family::SKEW)
+    L = s0;
+  else
+    L = w * s0 + (T(1) - w) * s1;
+  if (!want_grad) return L;
+
+  // pass 4: gradients
+  const Vec vL(L), vS0(s0), vS1(s1), vS2(s2), half(T(0.5)), vw(w), v1mw(T(1) - w);
+  for (int64_t j = 0; j < V; j += W) {
+    const int64_t n = V - j;
+    const Vec a = Vec::loadu(ep + j), b = Vec::loadu(eq + j);
+    const Vec p = a * vinvZp, q = b * vinvZq;
+    if (plan.family == Family::TVD) {
+      const Vec diff = q - p;
+      const Vec one(T(1));
+      const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
+      if (gy) store_row(half * q * (sigma - vS1) * vit, gy + j, n);
+      if (gx) store_row(Vec(T(-0.5)) * p * (sigma - vS2) * vit, gx + j, n);
+      continue;
+    }
+    const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
+    const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
+    const Vec m = Vec::loadu(lm + j);
+    if (plan.family == Family::SKEW) {
+      const Vec rho = select(b > zero, vexp(vlog1mw + lq - m), zero);
+      if (gy) store_row((q * vS1 - p * rho) * vit, gy + j, n);
+      if (gx) store_row(select(a > zero, p * (lp - m + rho - vL - vS1) * vit, zero), gx + j, n);
+    } else {  // JSD
+      if (gx) store_row(select(a > zero, vw * p * (lp - m - vS0) * vit, zero), gx + j, n);
+      if (gy) store_row(select(b > zero, v1mw * q * (lq - m - vS1) * vit, zero), gy + j, n);
+    }
+  }
+  return L;
+}
+
+}  // namespace cpu
+}  // namespace pydistill

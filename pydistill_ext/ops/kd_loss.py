@@ -1,0 +1,272 @@
+"""kd_loss_forward / kd_loss_topk_forward: fake kernels, autograd, backend choice, and the
+public functional API (kd_loss, kd_loss_topk).
+
+The native forward returns per-row losses and, when asked, d(row loss)/d(logits) computed in
+the same pass (gradient-in-forward: one exp per element and distribution in total). The
+registered backward only scales that stored gradient by the incoming per-row gradient, in
+place, so fwd+bwd holds one [N, V] buffer per differentiated input. Consequence: backward
+through the same graph twice (retain_graph=True) raises PyTorch's "modified by an inplace
+operation" error instead of returning a wrong gradient.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from pydistill_ext._lib import has_kernel, ops
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+
+@torch.library.register_fake("pydistill_ext::kd_loss_forward")
+def _kd_loss_forward_fake(student, teacher, valid, divergence, beta, temperature,
+                          grad_student, grad_teacher):
+    rows = student.new_empty(student.shape[:-1], dtype=_compute_dtype(student.dtype))
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
+        else teacher.new_empty((0,))
+    return rows, gs, gt
+
+
+@torch.library.register_fake("pydistill_ext::kd_loss_topk_forward")
+def _kd_loss_topk_forward_fake(student, indices, teacher_topk, valid, divergence, beta,
+                               temperature, grad_student, grad_teacher):
+    rows = student.new_empty(student.shape[:-1], dtype=_compute_dtype(student.dtype))
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
+        else teacher_topk.new_empty((0,))
+    return rows, gs, gt
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    _, gs, gt = output
+    ctx.want_s, ctx.want_t = inputs[-2], inputs[-1]
+    ctx.save_for_backward(gs, gt)
+
+
+def _scaled(grad_buffer, grad_rows):
+    # d loss / d logits = (d loss / d row) * (d row / d logits); grad_rows is [...] (possibly
+    # an expanded scalar after a sum). In place: the buffer is consumed by this backward.
+    return grad_buffer.mul_(grad_rows.unsqueeze(-1).to(grad_buffer.dtype))
+
+
+def _backward_impl(ctx, grad_rows, teacher_pos):
+    gs, gt = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[teacher_pos]
+    if need_s and not ctx.want_s:
+        raise RuntimeError("pydistill_ext: the forward ran with grad_student=False, so no "
+                           "student gradient was stored; call it with grad_student=True")
+    if need_t and not ctx.want_t:
+        raise RuntimeError("pydistill_ext: the forward ran with grad_teacher=False, so no "
+                           "teacher gradient was stored; call it with grad_teacher=True")
+    return (_scaled(gs, grad_rows) if need_s else None,
+            _scaled(gt, grad_rows) if need_t else None)
+
+
+def _kd_backward(ctx, grad_rows, _g_s, _g_t):
+    d_s, d_t = _backward_impl(ctx, grad_rows, 1)
+    return d_s, d_t, None, None, None, None, None, None
+
+
+def _kd_topk_backward(ctx, grad_rows, _g_s, _g_t):
+    d_s, d_t = _backward_impl(ctx, grad_rows, 2)
+    return d_s, None, d_t, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pydistill_ext::kd_loss_forward", _kd_backward,
+                                setup_context=_setup_context)
+torch.library.register_autograd("pydistill_ext::kd_loss_topk_forward", _kd_topk_backward,
+                                setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- backend choice
+
+def cuda_backend() -> str:
+    """'cuda' (the C++ CUDA kernels) or 'triton', from PYDISTILL_CUDA_BACKEND (default cuda,
+    falling back to triton when the CUDA kernels were not built)."""
+    want = os.environ.get("PYDISTILL_CUDA_BACKEND", "").strip().lower() or None
+    if want not in (None, "cuda", "triton"):
+        raise ValueError(f"PYDISTILL_CUDA_BACKEND must be 'cuda' or 'triton', got {want!r}")
+    if want is None:
+        want = "cuda" if has_kernel("kd_loss_forward", "CUDA") else "triton"
+    return want
+
+
+def _forward_op(device: torch.device, topk: bool, backend: Optional[str]):
+    if backend is None:
+        backend = cuda_backend() if device.type == "cuda" else "native"
+    if backend == "triton":
+        from pydistill_ext.triton import kd_loss as tkd  # imported lazily: triton is optional
+        return tkd.kd_loss_topk_forward_triton if topk else tkd.kd_loss_forward_triton
+    if device.type == "cuda" and not has_kernel("kd_loss_forward", "CUDA"):
+        raise RuntimeError("pydistill_ext was built without CUDA kernels; rebuild with a CUDA "
+                           "torch or set PYDISTILL_CUDA_BACKEND=triton")
+    return ops.kd_loss_topk_forward if topk else ops.kd_loss_forward
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _check_logits(x: torch.Tensor, name: str):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
+
+
+def _check_common(student, divergence, beta, temperature, reduction, labels):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a Python number, got {type(beta).__name__}")
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or \
+                labels.dtype == torch.bool or labels.is_complex():
+            raise ValueError("labels must be an integer tensor, got "
+                             f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if tuple(labels.shape) != tuple(student.shape[:-1]):
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape "
+                             f"{tuple(student.shape[:-1])} of student_logits")
+        if labels.device != student.device:
+            raise ValueError(f"labels is on {labels.device} but student_logits is on "
+                             f"{student.device}")
+
+
+def _reduce_total(total, n_rows, valid, reduction, vocab, num_items_in_batch, out_dtype):
+    """Scalar reduction of the row-loss sum `total` (REFERENCE.md 1.5)."""
+    if reduction != "sum":
+        if num_items_in_batch is not None:
+            denom = num_items_in_batch
+        elif valid is None:
+            denom = max(n_rows, 1)
+        else:
+            denom = valid.sum().clamp_min(1)  # on device: no host sync
+        if reduction == "mean":
+            denom = denom * vocab
+        total = total / denom
+    return total.to(out_dtype)
+
+
+def _reduce(rows, valid, reduction, vocab, num_items_in_batch, out_dtype):
+    if reduction == "none":
+        return rows.to(out_dtype)
+    return _reduce_total(rows.sum(), rows.numel(), valid, reduction, vocab,
+                         num_items_in_batch, out_dtype)
+
+
+def _want_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+# ---------------------------------------------------------------- public API
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+            divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+            reduction: str = "batchmean", labels: Optional[torch.Tensor] = None,
+            ignore_index: int = -100, num_items_in_batch=None,
+            _backend: Optional[str] = None) -> torch.Tensor:
+    """Fused KD divergence between softmax(student/T) and softmax(teacher/T).
+
+    Divergences (REFERENCE.md 1.2): ``forward_kl`` KL(p_t||p_s); ``reverse_kl`` KL(p_s||p_t);
+    ``jsd`` beta*KL(p_t||M) + (1-beta)*KL(p_s||M), M = beta*p_t + (1-beta)*p_s, with beta=0 /
+    beta=1 giving forward_kl / reverse_kl as TRL's ``generalized_jsd_loss`` (GKD, arXiv
+    2306.13649 Eq. 1); ``skew_forward_kl`` KL(p_t || beta*p_t + (1-beta)*p_s) and
+    ``skew_reverse_kl`` KL(p_s || beta*p_s + (1-beta)*p_t) (DistiLLM); ``tvd`` 1/2 sum|p_t-p_s|.
+
+    Logits are [..., V] of one floating dtype; math runs in float32 (float64 for float64).
+    ``labels`` (leading shape) masks rows equal to ``ignore_index``. Reductions: ``batchmean``
+    (sum / unmasked rows), ``sum``, ``mean`` (sum / (unmasked rows * V), as F.kl_div),
+    ``none`` (one value per row). ``num_items_in_batch`` replaces the row count of batchmean
+    and mean (gradient accumulation). No T^2 factor: recipes apply it. The teacher receives a
+    gradient when it requires grad (mutual learning). The loss has the logits' dtype.
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal "
+                         f"student_logits shape {tuple(student_logits.shape)}")
+    if teacher_logits.dtype != student_logits.dtype:
+        raise ValueError(f"teacher_logits dtype {teacher_logits.dtype} must equal "
+                         f"student_logits dtype {student_logits.dtype}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits is "
+                         f"on {student_logits.device}")
+    _check_common(student_logits, divergence, beta, temperature, reduction, labels)
+    valid = None if labels is None else labels.ne(ignore_index)
+    op = _forward_op(student_logits.device, False, _backend)
+    rows, _, _ = op(student_logits, teacher_logits, valid, divergence, float(beta),
+                    float(temperature), _want_grad(student_logits), _want_grad(teacher_logits))
+    return _reduce(rows, valid, reduction, student_logits.shape[-1], num_items_in_batch,
+                   student_logits.dtype)
+
+
+def kd_loss_topk(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
+                 teacher_logits_topk: torch.Tensor, *, divergence: str = "forward_kl",
+                 beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
+                 labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                 num_items_in_batch=None, _backend: Optional[str] = None) -> torch.Tensor:
+    """KD divergence against a teacher cached as its top-k logits.
+
+    Convention ("renormalize", DistillKit's ZERO policy): the teacher distribution is
+    softmax(teacher_logits_topk / T) over its K distinct indices and exactly zero on the other
+    V - K entries; the student is the full-vocabulary softmax(student / T). forward_kl, jsd,
+    skew_* and tvd are finite under this convention; reverse_kl is not (the student has mass
+    where the teacher has none) and is rejected. ``teacher_logits_topk`` may have another
+    floating dtype than the student (e.g. an fp16 cache); indices are int64 or int32 in
+    [0, V), distinct per row. Other arguments as :func:`kd_loss`.
+    """
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits_topk, "teacher_logits_topk")
+    if not isinstance(teacher_indices, torch.Tensor) or teacher_indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError("teacher_indices must be an int64 or int32 tensor, got "
+                         f"{getattr(teacher_indices, 'dtype', type(teacher_indices).__name__)}")
+    if teacher_indices.shape != teacher_logits_topk.shape:
+        raise ValueError(f"teacher_indices shape {tuple(teacher_indices.shape)} must equal "
+                         f"teacher_logits_topk shape {tuple(teacher_logits_topk.shape)}")
+    if teacher_indices.shape[:-1] != student_logits.shape[:-1] or teacher_indices.dim() != student_logits.dim():
+        raise ValueError(f"teacher_indices shape {tuple(teacher_indices.shape)} must be the "
+                         f"student's leading shape {tuple(student_logits.shape[:-1])} plus K")
+    K, V = teacher_indices.shape[-1], student_logits.shape[-1]
+    if K > V:
+        raise ValueError(f"top-k size K={K} exceeds the vocabulary size V={V}")
+    for t, n in ((teacher_indices, "teacher_indices"), (teacher_logits_topk, "teacher_logits_topk")):
+        if t.device != student_logits.device:
+            raise ValueError(f"{n} is on {t.device} but student_logits is on {student_logits.device}")
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        raise ValueError(f"divergence={divergence!r} (beta={beta}) is infinite for a top-k teacher "
+                         "(zero mass off its K entries); use forward_kl, jsd, skew_reverse_kl or tvd")
+    _check_common(student_logits, divergence, beta, temperature, reduction, labels)
+    if student_logits.device.type != "cpu" and not torch.compiler.is_compiling() and teacher_indices.numel():
+        lo, hi = int(teacher_indices.min()), int(teacher_indices.max())  # the CPU kernel checks itself
+        if lo < 0 or hi >= V:
+            raise ValueError(f"teacher_indices must lie in [0, {V}), got values in [{lo}, {hi}]")
+    valid = None if labels is None else labels.ne(ignore_index)
+    op = _forward_op(student_logits.device, True, _backend)
+    rows, _, _ = op(student_logits, teacher_indices, teacher_logits_topk, valid, divergence,
+                    float(beta), float(temperature), _want_grad(student_logits),
+                    _want_grad(teacher_logits_topk))
+    return _reduce(rows, valid, reduction, V, num_items_in_batch, student_logits.dtype)

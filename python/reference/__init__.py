@@ -1,0 +1,1 @@
+"""Pure-PyTorch oracles: the single truth that tests and benchmarks import (not installed)."""
