@@ -27,12 +27,22 @@ TORCH_LIBRARY(pydistill_ext, m) {
       "kd_loss_forward(Tensor student, Tensor teacher, Tensor? valid, str divergence, "
       "float beta, float temperature, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor)");
+  // Gradients of sum_r grad_rows[r] * row_loss[r] w.r.t. the logits (recomputed from the
+  // logits: nothing but the inputs is kept between forward and backward).
+  m.def(
+      "kd_loss_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor? valid, "
+      "str divergence, float beta, float temperature, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor)");
   // Same with the teacher given as its top-k (indices [..., K], logits [..., K]); the teacher
   // distribution is the softmax over the K logits (zero elsewhere). grad_teacher is [..., K].
   m.def(
       "kd_loss_topk_forward(Tensor student, Tensor teacher_indices, Tensor teacher_logits, "
       "Tensor? valid, str divergence, float beta, float temperature, bool grad_student, "
       "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "kd_loss_topk_backward(Tensor grad_rows, Tensor student, Tensor teacher_indices, "
+      "Tensor teacher_logits, Tensor? valid, str divergence, float beta, float temperature, "
+      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
   m.def("cpu_capability() -> str", &cpu_capability);
 }
 

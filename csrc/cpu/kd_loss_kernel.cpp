@@ -58,10 +58,12 @@ inline void store_back(const opmath_t* src, int64_t V, scalar_t* dst) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
+// Shared body of kd_loss_forward (grad_rows undefined: row losses, and the plain gradients
+// when asked) and kd_loss_backward (grad_rows [rows]: gradients scaled per row, no loss).
+std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
     const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
     std::string_view divergence, double beta, double temperature, bool grad_student,
-    bool grad_teacher) {
+    bool grad_teacher, const Tensor& grad_rows) {
   check_floating(student, "student_logits");
   check_floating(teacher, "teacher_logits");
   TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
@@ -75,10 +77,18 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
   const int64_t V = student.size(-1);
   const int64_t N = V == 0 ? 0 : student.numel() / V;
   check_valid(valid, student, N);
-
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
-  Tensor loss = at::zeros(lead, student.options().dtype(op_dtype));
+  const bool backward = grad_rows.defined();
+  Tensor gr;
+  if (backward) {
+    TORCH_CHECK(grad_rows.numel() == student.numel() / std::max<int64_t>(V, 1) || V == 0,
+                "pydistill_ext: grad_rows must have one entry per row");
+    check_same_device(student, "student_logits", grad_rows, "grad_rows");
+    gr = grad_rows.to(op_dtype).contiguous();
+  }
+
+  Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());
   Tensor gt = grad_teacher ? at::empty_like(teacher, at::MemoryFormat::Contiguous)
@@ -92,13 +102,14 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
   const Tensor vmask = valid.has_value() ? valid->contiguous() : Tensor();
   const bool* vptr = valid.has_value() ? vmask.data_ptr<bool>() : nullptr;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
     scalar_t* gtp = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
-    opmath_t* lp = loss.data_ptr<opmath_t>();
+    opmath_t* lp = backward ? nullptr : loss.data_ptr<opmath_t>();
+    const opmath_t* grp = backward ? gr.data_ptr<opmath_t>() : nullptr;
     const opmath_t inv_temp = static_cast<opmath_t>(1.0 / temperature);
     constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
@@ -107,7 +118,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* gs_row = gsp ? gsp + r * V : nullptr;
         scalar_t* gt_row = gtp ? gtp + r * V : nullptr;
-        if (vptr && !vptr[r]) {
+        const opmath_t scale = grp ? grp[r] : opmath_t(1);
+        if ((vptr && !vptr[r]) || (backward && scale == opmath_t(0))) {
           if (gs_row) std::fill(gs_row, gs_row + V, scalar_t(0));
           if (gt_row) std::fill(gt_row, gt_row + V, scalar_t(0));
           continue;
@@ -127,8 +139,9 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
         const opmath_t* y = plan.teacher_is_p ? srow : trow;
         opmath_t* gx = plan.teacher_is_p ? gt_c : gs_c;
         opmath_t* gy = plan.teacher_is_p ? gs_c : gt_c;
-        lp[r] = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, gx, gy, sc.row(0),
-                                               sc.row(1), sc.row(2));
+        const opmath_t l = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, scale, gx, gy,
+                                                        sc.row(0), sc.row(1), sc.row(2));
+        if (lp) lp[r] = l;
         if constexpr (reduced) {
           if (gs_row) store_back<scalar_t, opmath_t>(gs_c, V, gs_row);
           if (gt_row) store_back<scalar_t, opmath_t>(gt_c, V, gt_row);
@@ -139,10 +152,27 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
   return {loss, gs, gt};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
-    const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
+std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
+    const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
+    std::string_view divergence, double beta, double temperature, bool grad_student,
+    bool grad_teacher) {
+  return kd_loss_dense_cpu(student, teacher, valid, divergence, beta, temperature,
+                           grad_student, grad_teacher, Tensor());
+}
+
+std::tuple<Tensor, Tensor> kd_loss_backward_cpu(
+    const Tensor& grad_rows, const Tensor& student, const Tensor& teacher,
     const std::optional<Tensor>& valid, std::string_view divergence, double beta,
     double temperature, bool grad_student, bool grad_teacher) {
+  auto out = kd_loss_dense_cpu(student, teacher, valid, divergence, beta, temperature,
+                               grad_student, grad_teacher, grad_rows);
+  return {std::get<1>(out), std::get<2>(out)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
+    const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
+    const std::optional<Tensor>& valid, std::string_view divergence, double beta,
+    double temperature, bool grad_student, bool grad_teacher, const Tensor& grad_rows) {
   check_floating(student, "student_logits");
   check_floating(teacher_topk, "teacher_logits_topk");
   TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
@@ -177,7 +207,14 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
 
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
-  Tensor loss = at::zeros(lead, student.options().dtype(op_dtype));
+  const bool backward = grad_rows.defined();
+  Tensor gr;
+  if (backward) {
+    TORCH_CHECK(grad_rows.numel() == N, "pydistill_ext: grad_rows must have one entry per row");
+    check_same_device(student, "student_logits", grad_rows, "grad_rows");
+    gr = grad_rows.to(op_dtype).contiguous();
+  }
+  Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());
   Tensor gt_c = grad_teacher ? at::zeros(indices.sizes(), student.options().dtype(op_dtype))
@@ -198,7 +235,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
     const opmath_t* tkp = tk.data_ptr<opmath_t>();
     scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
     opmath_t* gtp = grad_teacher ? gt_c.data_ptr<opmath_t>() : nullptr;
-    opmath_t* lp = loss.data_ptr<opmath_t>();
+    opmath_t* lp = backward ? nullptr : loss.data_ptr<opmath_t>();
+    const opmath_t* grp = backward ? gr.data_ptr<opmath_t>() : nullptr;
     const opmath_t inv_temp = static_cast<opmath_t>(1.0 / temperature);
     constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
     const opmath_t ninf = -std::numeric_limits<opmath_t>::infinity();
@@ -216,7 +254,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
                       " repeats vocabulary index ", irow[k], "; the K indices must be distinct");
           stamp[irow[k]] = r;
         }
-        if (vptr && !vptr[r]) {
+        const opmath_t scale = grp ? grp[r] : opmath_t(1);
+        if ((vptr && !vptr[r]) || (backward && scale == opmath_t(0))) {
           if (gs_row) std::fill(gs_row, gs_row + V, scalar_t(0));
           continue;
         }
@@ -233,8 +272,9 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
         const opmath_t* y = plan.teacher_is_p ? srow : trow;
         opmath_t* gx = plan.teacher_is_p ? gt_dense : gs_c;
         opmath_t* gy = plan.teacher_is_p ? gs_c : gt_dense;
-        lp[r] = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, gx, gy, sc.row(0),
-                                               sc.row(1), sc.row(2));
+        const opmath_t l = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, scale, gx, gy,
+                                                        sc.row(0), sc.row(1), sc.row(2));
+        if (lp) lp[r] = l;
         if (gtp)
           for (int64_t k = 0; k < K; ++k) gtp[r * K + k] = gt_dense[irow[k]];
         for (int64_t k = 0; k < K; ++k) trow[irow[k]] = ninf;
@@ -247,11 +287,31 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
   return {loss, gs, gt_c.to(teacher_topk.scalar_type())};
 }
 
+
+std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
+    const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
+    const std::optional<Tensor>& valid, std::string_view divergence, double beta,
+    double temperature, bool grad_student, bool grad_teacher) {
+  return kd_loss_topk_cpu(student, indices, teacher_topk, valid, divergence, beta,
+                          temperature, grad_student, grad_teacher, Tensor());
+}
+
+std::tuple<Tensor, Tensor> kd_loss_topk_backward_cpu(
+    const Tensor& grad_rows, const Tensor& student, const Tensor& indices,
+    const Tensor& teacher_topk, const std::optional<Tensor>& valid, std::string_view divergence,
+    double beta, double temperature, bool grad_student, bool grad_teacher) {
+  auto out = kd_loss_topk_cpu(student, indices, teacher_topk, valid, divergence, beta,
+                              temperature, grad_student, grad_teacher, grad_rows);
+  return {std::get<1>(out), std::get<2>(out)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pydistill_ext, CPU, m) {
   m.impl("kd_loss_forward", &kd_loss_forward_cpu);
+  m.impl("kd_loss_backward", &kd_loss_backward_cpu);
   m.impl("kd_loss_topk_forward", &kd_loss_topk_forward_cpu);
+  m.impl("kd_loss_topk_backward", &kd_loss_topk_backward_cpu);
 }
 
 }  // namespace pydistill

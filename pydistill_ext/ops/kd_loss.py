@@ -1,12 +1,11 @@
 """kd_loss_forward / kd_loss_topk_forward: fake kernels, autograd, backend choice, and the
 public functional API (kd_loss, kd_loss_topk).
 
-The native forward returns per-row losses and, when asked, d(row loss)/d(logits) computed in
-the same pass (gradient-in-forward: one exp per element and distribution in total). The
-registered backward only scales that stored gradient by the incoming per-row gradient, in
-place, so fwd+bwd holds one [N, V] buffer per differentiated input. Consequence: backward
-through the same graph twice (retain_graph=True) raises PyTorch's "modified by an inplace
-operation" error instead of returning a wrong gradient.
+Autograd: the forward computes per-row losses only and keeps nothing but its inputs; the
+registered backward op recomputes the rows and writes grad_row * d row_loss / d logits
+directly into the gradient buffer (one [N, V] buffer per differentiated input, no extra
+scaling pass). The forward ops can also return the plain gradients in the same pass
+(grad_student / grad_teacher flags): fused_linear_kd_loss uses that per chunk.
 """
 from __future__ import annotations
 
@@ -51,47 +50,79 @@ def _kd_loss_topk_forward_fake(student, indices, teacher_topk, valid, divergence
     return rows, gs, gt
 
 
+@torch.library.register_fake("pydistill_ext::kd_loss_backward")
+def _kd_loss_backward_fake(grad_rows, student, teacher, valid, divergence, beta, temperature,
+                           grad_student, grad_teacher):
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
+        else teacher.new_empty((0,))
+    return gs, gt
+
+
+@torch.library.register_fake("pydistill_ext::kd_loss_topk_backward")
+def _kd_loss_topk_backward_fake(grad_rows, student, indices, teacher_topk, valid, divergence,
+                                beta, temperature, grad_student, grad_teacher):
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
+        else teacher_topk.new_empty((0,))
+    return gs, gt
+
+
 # ---------------------------------------------------------------- autograd
+#
+# The forward keeps nothing but its inputs; the backward op recomputes each row (max, exp
+# sums, family sums) and writes grad_rows[r] * d row_loss[r] / d logits straight into the one
+# gradient buffer per differentiated input. Memory of fwd+bwd: the gradients themselves.
+# Repeated backward (retain_graph, gradcheck) is exact because nothing is consumed.
 
-def _setup_context(ctx, inputs, output):
-    _, gs, gt = output
-    ctx.want_s, ctx.want_t = inputs[-2], inputs[-1]
-    ctx.save_for_backward(gs, gt)
-
-
-def _scaled(grad_buffer, grad_rows):
-    # d loss / d logits = (d loss / d row) * (d row / d logits); grad_rows is [...] (possibly
-    # an expanded scalar after a sum). In place: the buffer is consumed by this backward.
-    return grad_buffer.mul_(grad_rows.unsqueeze(-1).to(grad_buffer.dtype))
-
-
-def _backward_impl(ctx, grad_rows, teacher_pos):
-    gs, gt = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[teacher_pos]
-    if need_s and not ctx.want_s:
-        raise RuntimeError("pydistill_ext: the forward ran with grad_student=False, so no "
-                           "student gradient was stored; call it with grad_student=True")
-    if need_t and not ctx.want_t:
-        raise RuntimeError("pydistill_ext: the forward ran with grad_teacher=False, so no "
-                           "teacher gradient was stored; call it with grad_teacher=True")
-    return (_scaled(gs, grad_rows) if need_s else None,
-            _scaled(gt, grad_rows) if need_t else None)
+def _backward_fallback(forward_op, grad_rows, tensors, args, need_s, need_t):
+    """For a backend without a dedicated backward kernel: plain gradients, then scaled."""
+    _, gs, gt = forward_op(*tensors, *args, need_s, need_t)
+    scale = grad_rows.unsqueeze(-1)
+    return (gs * scale.to(gs.dtype) if need_s else gs,
+            gt * scale.to(gt.dtype) if need_t else gt)
 
 
-def _kd_backward(ctx, grad_rows, _g_s, _g_t):
-    d_s, d_t = _backward_impl(ctx, grad_rows, 1)
-    return d_s, d_t, None, None, None, None, None, None
+def make_autograd(topk: bool, forward_op, backward_op=None):
+    """(setup_context, backward) for a kd_loss forward op. backward_op: a native
+    kd_loss(_topk)_backward op (used where it has a kernel for the tensors' device), or None
+    to use the forward with gradients + scaling."""
+    backward_name = backward_op._qualified_op_name if backward_op is not None else None
+    n_tensors = 4 if topk else 3
+    teacher_pos = 2 if topk else 1
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.args = tuple(inputs[n_tensors:n_tensors + 3])  # divergence, beta, temperature
+
+    def backward(ctx, grad_rows, _g_s=None, _g_t=None):
+        n_inputs = n_tensors + 5
+        if grad_rows is None:
+            return (None,) * n_inputs
+        tensors = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[teacher_pos]
+        grad_rows = grad_rows.contiguous()
+        if backward_op is not None and (tensors[0].device.type != "cuda"
+                                        or has_kernel(backward_name.split("::")[-1], "CUDA")):
+            gs, gt = backward_op(grad_rows, *tensors, *ctx.args, need_s, need_t)
+        else:
+            gs, gt = _backward_fallback(forward_op, grad_rows, tensors, ctx.args, need_s, need_t)
+        grads = [None] * n_inputs
+        grads[0] = gs if need_s else None
+        grads[teacher_pos] = gt if need_t else None
+        return tuple(grads)
+
+    return setup_context, backward
 
 
-def _kd_topk_backward(ctx, grad_rows, _g_s, _g_t):
-    d_s, d_t = _backward_impl(ctx, grad_rows, 2)
-    return d_s, None, d_t, None, None, None, None, None, None
-
-
-torch.library.register_autograd("pydistill_ext::kd_loss_forward", _kd_backward,
-                                setup_context=_setup_context)
-torch.library.register_autograd("pydistill_ext::kd_loss_topk_forward", _kd_topk_backward,
-                                setup_context=_setup_context)
+for _topk, _fwd, _bwd in ((False, ops.kd_loss_forward, ops.kd_loss_backward),
+                          (True, ops.kd_loss_topk_forward, ops.kd_loss_topk_backward)):
+    _setup, _bw = make_autograd(_topk, _fwd, _bwd)
+    torch.library.register_autograd(_fwd._qualified_op_name, _bw, setup_context=_setup)
 
 
 # ---------------------------------------------------------------- backend choice
@@ -178,10 +209,6 @@ def _reduce(rows, valid, reduction, vocab, num_items_in_batch, out_dtype):
                          num_items_in_batch, out_dtype)
 
 
-def _want_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
 # ---------------------------------------------------------------- public API
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -219,7 +246,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     valid = None if labels is None else labels.ne(ignore_index)
     op = _forward_op(student_logits.device, False, _backend)
     rows, _, _ = op(student_logits, teacher_logits, valid, divergence, float(beta),
-                    float(temperature), _want_grad(student_logits), _want_grad(teacher_logits))
+                    float(temperature), False, False)
     return _reduce(rows, valid, reduction, student_logits.shape[-1], num_items_in_batch,
                    student_logits.dtype)
 
@@ -267,6 +294,5 @@ def kd_loss_topk(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
     valid = None if labels is None else labels.ne(ignore_index)
     op = _forward_op(student_logits.device, True, _backend)
     rows, _, _ = op(student_logits, teacher_indices, teacher_logits_topk, valid, divergence,
-                    float(beta), float(temperature), _want_grad(student_logits),
-                    _want_grad(teacher_logits_topk))
+                    float(beta), float(temperature), False, False)
     return _reduce(rows, valid, reduction, V, num_items_in_batch, student_logits.dtype)

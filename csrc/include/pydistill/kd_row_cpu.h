@@ -102,10 +102,12 @@ struct RowOut {
 };
 
 // Computes one row. x, y: P and Q logits (length V, compute dtype). gx, gy: gradient rows
-// (nullptr when not wanted). ep, eq, lm: scratch rows of length V.
+// (nullptr when not wanted), written as grad_scale * d loss / d logits (the 1/T of the
+// chain rule is included: pass grad_scale = 1 for the plain gradient). ep, eq, lm: scratch
+// rows of length V + padding, zero past V.
 template <typename T>
 T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, T inv_temp,
-                 T* gx, T* gy, T* ep, T* eq, T* lm) {
+                 T grad_scale, T* gx, T* gy, T* ep, T* eq, T* lm) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -136,7 +138,7 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
     return T(0);
   }
 
-  const Vec vmxs(mx), vmys(my), vit(inv_temp), zero(T(0));
+  const Vec vmxs(mx), vmys(my), vit(inv_temp), vgs(grad_scale * inv_temp), zero(T(0));
   const bool is_kl = plan.family == Family::KL;
 
   // pass 2: exponentials, normalisers; KL also accumulates sum ep * d
@@ -167,11 +169,11 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
         const int64_t n = V - j;
         const Vec p = Vec::loadu(ep + j) * vinvZp;
         const Vec q = Vec::loadu(eq + j) * vinvZq;
-        if (gy) store_row((q - p) * vit, gy + j, n);
+        if (gy) store_row((q - p) * vgs, gy + j, n);
         if (gx) {
           const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
           const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
-          store_row(select(p > zero, p * (lp - lq - vL) * vit, zero), gx + j, n);
+          store_row(select(p > zero, p * (lp - lq - vL) * vgs, zero), gx + j, n);
         }
       }
     }
@@ -229,8 +231,8 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
       const Vec diff = q - p;
       const Vec one(T(1));
       const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
-      if (gy) store_row(half * q * (sigma - vS1) * vit, gy + j, n);
-      if (gx) store_row(Vec(T(-0.5)) * p * (sigma - vS2) * vit, gx + j, n);
+      if (gy) store_row(half * q * (sigma - vS1) * vgs, gy + j, n);
+      if (gx) store_row(Vec(T(-0.5)) * p * (sigma - vS2) * vgs, gx + j, n);
       continue;
     }
     const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
@@ -238,11 +240,11 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
     const Vec m = Vec::loadu(lm + j);
     if (plan.family == Family::SKEW) {
       const Vec rho = select(b > zero, vexp(vlog1mw + lq - m), zero);
-      if (gy) store_row((q * vS1 - p * rho) * vit, gy + j, n);
-      if (gx) store_row(select(a > zero, p * (lp - m + rho - vL - vS1) * vit, zero), gx + j, n);
+      if (gy) store_row((q * vS1 - p * rho) * vgs, gy + j, n);
+      if (gx) store_row(select(a > zero, p * (lp - m + rho - vL - vS1) * vgs, zero), gx + j, n);
     } else {  // JSD
-      if (gx) store_row(select(a > zero, vw * p * (lp - m - vS0) * vit, zero), gx + j, n);
-      if (gy) store_row(select(b > zero, v1mw * q * (lq - m - vS1) * vit, zero), gy + j, n);
+      if (gx) store_row(select(a > zero, vw * p * (lp - m - vS0) * vgs, zero), gx + j, n);
+      if (gy) store_row(select(b > zero, v1mw * q * (lq - m - vS1) * vgs, zero), gy + j, n);
     }
   }
   return L;
