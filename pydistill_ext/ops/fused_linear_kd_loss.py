@@ -156,6 +156,8 @@ def _setup(ctx, inputs, output):
     ctx.args = inputs[9:13]  # divergence, beta, temperature, chunk_size
     ctx.deferred = inputs[8] is None and not any(inputs[13])  # forward formed no gradients
     saved = list(inputs[:9]) if ctx.deferred else output[2:]
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*saved)
 
 
@@ -163,10 +165,13 @@ def _backward(ctx, grads):
     g_rows, g_total = grads[0], grads[1]
     saved = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if g_total is None and (g_rows is None or not ctx.deferred):
+        return (None,) * 14
     if not ctx.deferred:
         # gradients of the plain row sum were formed in forward; callers in this mode use
         # only `total` (the wrapper reduces through it), so d loss / d total scales them all.
-        return tuple(g.mul_(g_total.to(g.dtype)) if need[i] else None
+        # Out of place: a retained graph can be differentiated again.
+        return tuple(g * g_total.to(g.dtype) if need[i] else None
                      for i, g in enumerate(saved)) + (None,) * 7
     if g_total is not None:
         g_rows = (g_rows if g_rows is not None else 0) + g_total.expand(saved[0].shape[0])

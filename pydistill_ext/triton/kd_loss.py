@@ -1,29 +1,38 @@
-"""Triton kernels of kd_loss_forward / kd_loss_topk_forward (REFERENCE.md section 1).
+"""Triton kernels of the kd_loss ops (REFERENCE.md section 1).
 
-Registered as the opaque custom ops ``pydistill_ext::kd_loss_forward_triton`` and
-``pydistill_ext::kd_loss_topk_forward_triton`` with the schemas, outputs, fake kernels and
-autograd of the native ops (``pydistill_ext/ops/kd_loss.py``): per-row loss in float32 (float64
-for float64 input) and, in the same launch, d row_loss / d logits including the 1/T
-(gradient-in-forward); the registered backward only scales those buffers. They are opaque
-``torch.library.custom_op``s rather than ``triton_op`` + ``wrap_triton``, which do not pass
-opcheck / torch.compile under ``TRITON_INTERPRET=1`` (DESIGN.md convention 7).
+Four opaque custom ops with the schemas, outputs and semantics of the native ops
+(csrc/registration.cpp, csrc/cpu/kd_loss_kernel.cpp):
+
+  pydistill_ext::kd_loss_forward_triton        ~ kd_loss_forward
+  pydistill_ext::kd_loss_backward_triton       ~ kd_loss_backward
+  pydistill_ext::kd_loss_topk_forward_triton   ~ kd_loss_topk_forward
+  pydistill_ext::kd_loss_topk_backward_triton  ~ kd_loss_topk_backward
+
+The forward returns the per-row loss in float32 (float64 for float64 input) and, when asked
+(grad_student / grad_teacher), d row_loss / d logits including the 1/T from the same launch
+(gradient-in-forward, as fused_linear_kd_loss uses it). The backward recomputes the rows and
+writes grad_rows[r] * d row_loss[r] / d logits straight into the gradient buffer (the same
+kernels with a per-row scale, no loss store). The forward ops get the autograd of the native
+ops from ``make_autograd`` (pydistill_ext/ops/kd_loss.py) with the Triton backward ops. They
+are opaque ``torch.library.custom_op``s rather than ``triton_op`` + ``wrap_triton``, which do
+not pass opcheck / torch.compile under ``TRITON_INTERPRET=1`` (DESIGN.md convention 7).
 
 Kernel layout
 -------------
 One program per row; the row is streamed in BLOCK-wide tiles (BLOCK = next power of two of V,
-capped at 4096 elements, 2048 for float64; the tail tile loads -inf). As in the CPU kernel
-(csrc/include/pydistill/kd_row_cpu.h) every family is computed on an ordered pair (P, Q) of
-logit rows x, y; the host maps P/Q onto teacher/student (divergence.h):
+at least 16, capped at 4096 elements, 2048 for float64; the tail tile loads -inf). As in the
+CPU kernel (csrc/include/pydistill/kd_row_cpu.h) every family is computed on an ordered pair
+(P, Q) of logit rows x, y; the host maps P/Q onto teacher/student (divergence.h):
 
   pass 1  row maxima mx, my, and a NaN flag                        (reads x, y)
   pass 2  Zp = sum exp((x-mx)/T), Zq likewise; KL also sum p*(..)  (reads x, y)
   pass 3  SKEW/JSD/TVD only: loss and the cross-column row sums    (reads x, y)
-  last    gradients                                                 (reads x, y, writes g)
+  last    gradients, when asked                                     (reads x, y, writes g)
 
-so KL reads a row pair 3 times and SKEW/JSD/TVD 4 times; exponentials are recomputed in each
-pass instead of being kept in scratch (cheap on a GPU, no [N, V] temporary). An online
-(max-rescaled) first pass would save one read; it is not done, to keep the shifted-logit
-numerics of the CPU kernel bit-for-bit in structure.
+so with gradients KL reads a row pair 3 times and SKEW/JSD/TVD 4 times; exponentials are
+recomputed in each pass instead of being kept in scratch (cheap on a GPU, no [N, V]
+temporary). An online (max-rescaled) first pass would save one read; it is not done, to keep
+the shifted-logit numerics of the CPU kernel.
 
 Numerics (same rules as the CPU kernel):
   * math in float32 for float32 / float16 / bfloat16 input, float64 for float64 input (the
@@ -32,16 +41,18 @@ Numerics (same rules as the CPU kernel):
   * log-probabilities come from shifted logits, lp = (x - mx)/T - log Zp;
   * xlogy rule by select on p > 0 (never 0 * inf), so -inf logits (masked vocabulary), exp
     underflow and log p < -104 on both sides give exact zeros;
-  * log M = logaddexp(log w + lp, log(1-w) + lq) in log space (Liger issue 1453);
-  * a row whose logits are all -inf on a side (and a row with valid == False, which reads no
-    memory at all) gives loss 0 and gradient 0; a NaN anywhere in a valid row makes its loss
-    and both gradient rows NaN.
+  * log M = logaddexp(log w + lp, log(1-w) + lq) in log space (Liger issue 1453), with
+    log(1 + e) for log1p (libdevice.log1p does not run under the interpreter; the absolute
+    error is one ulp of O(1));
+  * a row whose logits are all -inf on a side gives loss 0 and gradient 0; a row with
+    valid == False (or, in the backward, grad_rows == 0) reads no memory and gives 0 as well;
+    a NaN anywhere in another row makes its loss and both gradient rows NaN.
 
 Top-k teacher: the dense teacher logits (-inf off the K entries, so that their softmax is the
-softmax over the K logits) are materialised in the compute dtype for a chunk of rows at a time
-(at most ~64 MB of temporaries), the dense kernel runs on the chunk, and the teacher gradient
-is gathered back to [..., K]. Indices are checked (range, distinct per row) on the host: one
-device sync per call.
+softmax over the K logits) are materialised in the compute dtype for a chunk of rows at a
+time (dense teacher + its gradient at most ~64 MB), the dense kernel runs on the chunk, and
+the teacher gradient is gathered back to [..., K]. Indices are checked on the host (range,
+distinct per row), which costs one device sync per call.
 """
 from __future__ import annotations
 
@@ -52,9 +63,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pydistill_ext.ops.kd_loss import (_kd_backward, _kd_topk_backward, _setup_context)
+from pydistill_ext.ops.kd_loss import make_autograd
 
-__all__ = ["kd_loss_forward_triton", "kd_loss_topk_forward_triton"]
+__all__ = ["kd_loss_forward_triton", "kd_loss_backward_triton", "kd_loss_topk_forward_triton",
+           "kd_loss_topk_backward_triton"]
 
 # Families, as in csrc/include/pydistill/divergence.h.
 _KL, _SKEW, _JSD, _TVD = 0, 1, 2, 3
@@ -73,15 +85,21 @@ _TOPK_CHUNK_BYTES = 64 << 20
 # =====================================================================================
 
 @triton.jit
-def _row_len(row, V, valid_ptr, HAS_VALID: tl.constexpr):
-    # Number of columns to read: V, or 0 for a masked row (which then reads as all -inf,
-    # i.e. a degenerate row: loss 0, gradient 0, no memory traffic).
+def _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID: tl.constexpr,
+               HAS_SCALE: tl.constexpr):
+    # n: number of columns to read: V, or 0 for a masked row (and, in the backward, a row
+    # whose incoming gradient is 0), which then reads as all -inf, i.e. a degenerate row:
+    # loss 0, gradient 0, no memory traffic.
+    # gsc: factor of every gradient, 1/T (forward) or grad_rows[row] / T (backward).
+    n = V
     if HAS_VALID:
-        keep = tl.load(valid_ptr + row).to(tl.int32)
-        n = V * keep
-    else:
-        n = V
-    return n
+        n = n * tl.load(valid_ptr + row).to(tl.int32)
+    gsc = it
+    if HAS_SCALE:
+        scale = tl.load(grow_ptr + row)
+        n = tl.where(scale == 0, 0, n)
+        gsc = it * scale
+    return n, gsc
 
 
 @triton.jit
@@ -187,17 +205,19 @@ def _store_grad(g_row, offs, V, g, dead, has_nan):
 #                                                   ->  dL/dx = p (log p - log q - L)/T
 # forward_kl is (P, Q) = (teacher, student); reverse_kl is (student, teacher).
 @triton.jit
-def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V,
-                  HAS_VALID: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                  C: tl.constexpr, BLOCK: tl.constexpr):
+def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
+                  HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
+                  WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
+                  BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
-    n = _row_len(row, V, valid_ptr, HAS_VALID)
+    n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
     mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, True)
     L = sd * izp + lzq - lzp
-    tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_LOSS:
+        tl.store(loss_ptr + row, _finish(L, dead, has_nan))
     if WANT_GX or WANT_GY:
         cols = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):
@@ -205,9 +225,9 @@ def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V,
             p, q, lp, lq = _tile(x_ptr + base, y_ptr + base, offs, n, mx, my, lzp, lzq,
                                  izp, izq, it, C)
             if WANT_GY:
-                _store_grad(gy_ptr + base, offs, V, (q - p) * it, dead, has_nan)
+                _store_grad(gy_ptr + base, offs, V, (q - p) * gsc, dead, has_nan)
             if WANT_GX:
-                gx = tl.where(p > 0, p * (lp - lq - L) * it, 0.0)
+                gx = tl.where(p > 0, p * (lp - lq - L) * gsc, 0.0)
                 _store_grad(gx_ptr + base, offs, V, gx, dead, has_nan)
 
 
@@ -226,15 +246,16 @@ def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V,
 # Pass 3 accumulates L and S; the gradient pass recomputes log m and rho.
 # skew_forward_kl is (P, Q) = (teacher, student); skew_reverse_kl is (student, teacher).
 @triton.jit
-def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V,
-                    HAS_VALID: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                    C: tl.constexpr, BLOCK: tl.constexpr):
+def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
+                    HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
+                    WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
     log_w = tl.load(prm_ptr + 2)
     log_1mw = tl.load(prm_ptr + 3)
-    n = _row_len(row, V, valid_ptr, HAS_VALID)
+    n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
     mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, False)
     cols = tl.arange(0, BLOCK)
@@ -250,7 +271,8 @@ def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, 
         acc_s += p * rho
     L = tl.sum(acc_l, axis=0)
     S = tl.sum(acc_s, axis=0)
-    tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_LOSS:
+        tl.store(loss_ptr + row, _finish(L, dead, has_nan))
     if WANT_GX or WANT_GY:
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -259,9 +281,9 @@ def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, 
             lm = _log_mix(lp, lq, log_w, log_1mw)
             rho = tl.where(q > 0, tl.exp(log_1mw + lq - lm), 0.0)
             if WANT_GY:
-                _store_grad(gy_ptr + base, offs, V, (q * S - p * rho) * it, dead, has_nan)
+                _store_grad(gy_ptr + base, offs, V, (q * S - p * rho) * gsc, dead, has_nan)
             if WANT_GX:
-                gx = tl.where(p > 0, p * (lp - lm + rho - L - S) * it, 0.0)
+                gx = tl.where(p > 0, p * (lp - lm + rho - L - S) * gsc, 0.0)
                 _store_grad(gx_ptr + base, offs, V, gx, dead, has_nan)
 
 
@@ -278,16 +300,17 @@ def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, 
 # (the pre-Jacobian G^q matches Liger's (1-beta) Q (X - log M)). jsd is (P, Q) =
 # (teacher, student), w = beta; beta = 0 / 1 are dispatched to forward / reverse KL.
 @triton.jit
-def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V,
-                   HAS_VALID: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                   C: tl.constexpr, BLOCK: tl.constexpr):
+def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
+                   HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
+                   WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
+                   BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
     w = tl.load(prm_ptr + 1)
     log_w = tl.load(prm_ptr + 2)
     log_1mw = tl.load(prm_ptr + 3)
-    n = _row_len(row, V, valid_ptr, HAS_VALID)
+    n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
     mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, False)
     cols = tl.arange(0, BLOCK)
@@ -303,7 +326,8 @@ def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V
     kp = tl.sum(acc_p, axis=0)
     kq = tl.sum(acc_q, axis=0)
     L = w * kp + (1.0 - w) * kq
-    tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_LOSS:
+        tl.store(loss_ptr + row, _finish(L, dead, has_nan))
     if WANT_GX or WANT_GY:
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -311,10 +335,10 @@ def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V
                                  izp, izq, it, C)
             lm = _log_mix(lp, lq, log_w, log_1mw)
             if WANT_GX:
-                gx = tl.where(p > 0, w * p * (lp - lm - kp) * it, 0.0)
+                gx = tl.where(p > 0, w * p * (lp - lm - kp) * gsc, 0.0)
                 _store_grad(gx_ptr + base, offs, V, gx, dead, has_nan)
             if WANT_GY:
-                gy = tl.where(q > 0, (1.0 - w) * q * (lq - lm - kq) * it, 0.0)
+                gy = tl.where(q > 0, (1.0 - w) * q * (lq - lm - kq) * gsc, 0.0)
                 _store_grad(gy_ptr + base, offs, V, gy, dead, has_nan)
 
 
@@ -327,13 +351,14 @@ def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V
 #   dL/dy = 1/2 q (sigma - Sq)/T,   dL/dx = -1/2 p (sigma - Sp)/T
 # Pass 3 accumulates sum |q - p|, Sq, Sp. tvd is (P, Q) = (teacher, student).
 @triton.jit
-def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V,
-                   HAS_VALID: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                   C: tl.constexpr, BLOCK: tl.constexpr):
+def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
+                   HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
+                   WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
+                   BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
-    n = _row_len(row, V, valid_ptr, HAS_VALID)
+    n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
     mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, False)
     cols = tl.arange(0, BLOCK)
@@ -351,7 +376,8 @@ def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V
     L = 0.5 * tl.sum(acc_d, axis=0)
     sq = tl.sum(acc_q, axis=0)
     sp = tl.sum(acc_p, axis=0)
-    tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_LOSS:
+        tl.store(loss_ptr + row, _finish(L, dead, has_nan))
     if WANT_GX or WANT_GY:
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -360,9 +386,10 @@ def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, prm_ptr, V
             diff = q - p
             sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
             if WANT_GY:
-                _store_grad(gy_ptr + base, offs, V, 0.5 * q * (sigma - sq) * it, dead, has_nan)
+                _store_grad(gy_ptr + base, offs, V, 0.5 * q * (sigma - sq) * gsc, dead,
+                            has_nan)
             if WANT_GX:
-                _store_grad(gx_ptr + base, offs, V, -0.5 * p * (sigma - sp) * it, dead,
+                _store_grad(gx_ptr + base, offs, V, -0.5 * p * (sigma - sp) * gsc, dead,
                             has_nan)
 
 
@@ -446,6 +473,14 @@ def _check_valid(valid: Optional[torch.Tensor], ref: torch.Tensor, rows: int):
     _check_same_device(ref, "student_logits", valid, "valid")
 
 
+def _check_grad_rows(grad_rows: Optional[torch.Tensor], ref: torch.Tensor, rows: int):
+    if grad_rows is None:
+        return
+    if grad_rows.numel() != rows:
+        raise RuntimeError("pydistill_ext: grad_rows must have one entry per row")
+    _check_same_device(ref, "student_logits", grad_rows, "grad_rows")
+
+
 def _block_for(V: int, dtype: torch.dtype) -> int:
     cap = _BLOCK_CAP if _BLOCK_CAP is not None else _MAX_BLOCK.get(dtype, _DEFAULT_MAX_BLOCK)
     return max(16, min(triton.next_power_of_2(max(V, 1)), triton.next_power_of_2(cap)))
@@ -455,10 +490,11 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 512 else (8 if block <= 2048 else 16)
 
 
-def _launch_rows(x, y, gx, gy, loss, valid_u8, family, w, temperature, compute):
+def _launch_rows(x, y, gx, gy, loss, valid_u8, grow, family, w, temperature, compute):
     """Runs the family kernel on 2-D contiguous rows x, y [n, V] (P and Q logits, possibly of
-    different dtypes); gx / gy are [n, V] outputs or None; loss is [n] in the compute dtype;
-    valid_u8 is [n] uint8 or None."""
+    different dtypes). gx / gy: [n, V] gradient outputs or None; loss: [n] in the compute
+    dtype or None (backward); valid_u8: [n] uint8 or None; grow: [n] per-row gradient scale
+    in the compute dtype or None (forward)."""
     n_rows, V = x.shape
     if n_rows == 0:
         return
@@ -467,12 +503,14 @@ def _launch_rows(x, y, gx, gy, loss, valid_u8, family, w, temperature, compute):
     prm = torch.tensor([1.0 / temperature, w, log_w, log_1mw], dtype=compute, device=x.device)
     block = _block_for(V, compute)
     C = tl.float64 if compute == torch.float64 else tl.float32
-    dummy = loss  # never dereferenced: guarded by the WANT_* / HAS_VALID constexprs
-    kernel = _KERNELS[family]
-    args = (x, y, gx if gx is not None else dummy, gy if gy is not None else dummy, loss,
-            valid_u8 if valid_u8 is not None else dummy, prm, V)
-    kw = dict(HAS_VALID=valid_u8 is not None, WANT_GX=gx is not None, WANT_GY=gy is not None,
+    # pointers that a constexpr flag keeps from being dereferenced get a placeholder
+    args = (x, y, prm if gx is None else gx, prm if gy is None else gy,
+            prm if loss is None else loss, prm if valid_u8 is None else valid_u8,
+            prm if grow is None else grow, prm, V)
+    kw = dict(HAS_VALID=valid_u8 is not None, HAS_SCALE=grow is not None,
+              STORE_LOSS=loss is not None, WANT_GX=gx is not None, WANT_GY=gy is not None,
               C=C, BLOCK=block, num_warps=_num_warps(block))
+    kernel = _KERNELS[family]
     if x.device.type == "cuda":
         with torch.cuda.device(x.device):
             kernel[(n_rows,)](*args, **kw)
@@ -484,30 +522,22 @@ def _launch_rows(x, y, gx, gy, loss, valid_u8, family, w, temperature, compute):
             kernel[(n_rows,)](*args, **kw)
 
 
-def _run_dense(s2, t2, valid_u8, plan, temperature, loss, gs, gt):
-    """Maps (student, teacher) onto (P, Q) and launches."""
+def _run_rows(s2, t2, valid_u8, grow, plan, temperature, compute, loss, gs, gt):
+    """Maps (student, teacher) rows onto (P, Q) and launches."""
     family, teacher_is_p, w = plan
-    compute = loss.dtype
     if teacher_is_p:
-        _launch_rows(t2, s2, gt, gs, loss, valid_u8, family, w, temperature, compute)
+        _launch_rows(t2, s2, gt, gs, loss, valid_u8, grow, family, w, temperature, compute)
     else:
-        _launch_rows(s2, t2, gs, gt, loss, valid_u8, family, w, temperature, compute)
+        _launch_rows(s2, t2, gs, gt, loss, valid_u8, grow, family, w, temperature, compute)
 
 
 def _valid_u8(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if valid is None else valid.reshape(-1).contiguous().view(torch.uint8)
 
 
-# =====================================================================================
-# Custom ops
-# =====================================================================================
-
-@torch.library.custom_op("pydistill_ext::kd_loss_forward_triton", mutates_args=())
-def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor,
-                           valid: Optional[torch.Tensor], divergence: str, beta: float,
-                           temperature: float, grad_student: bool,
-                           grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton kernel of pydistill_ext::kd_loss_forward (same arguments and outputs)."""
+def _dense(student, teacher, valid, divergence, beta, temperature, grad_student, grad_teacher,
+           grad_rows):
+    """Shared body of the dense forward (grad_rows None) and backward ops."""
     _check_floating(student, "student_logits")
     _check_floating(teacher, "teacher_logits")
     if student.dim() < 1:
@@ -524,10 +554,13 @@ def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor,
     V = student.shape[-1]
     N = 0 if V == 0 else student.numel() // V
     _check_valid(valid, student, N)
+    _check_grad_rows(grad_rows, student, N)
     _check_runnable(student)
 
     compute = _compute_dtype(student.dtype)
-    loss = torch.zeros(student.shape[:-1], dtype=compute, device=student.device)
+    backward = grad_rows is not None
+    loss = torch.zeros((0,) if backward else student.shape[:-1], dtype=compute,
+                       device=student.device)
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
         else student.new_empty((0,))
     gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
@@ -536,12 +569,116 @@ def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor,
         gs.zero_()
         gt.zero_()
         return loss, gs, gt
-    s2 = student.contiguous().view(N, V)
-    t2 = teacher.contiguous().view(N, V)
-    _run_dense(s2, t2, _valid_u8(valid), plan, temperature, loss.view(N),
-               gs.view(N, V) if grad_student else None,
-               gt.view(N, V) if grad_teacher else None)
+    grow = grad_rows.reshape(-1).to(compute).contiguous() if backward else None
+    _run_rows(student.contiguous().view(N, V), teacher.contiguous().view(N, V),
+              _valid_u8(valid), grow, plan, temperature, compute,
+              None if backward else loss.view(N),
+              gs.view(N, V) if grad_student else None,
+              gt.view(N, V) if grad_teacher else None)
     return loss, gs, gt
+
+
+def _check_topk_indices(idx2: torch.Tensor, V: int):
+    """Range and per-row distinctness of the [N, K] int64 indices (one host sync)."""
+    if idx2.numel() == 0:
+        return
+    srt = idx2.sort(dim=1).values
+    dup = srt[:, 1:] == srt[:, :-1]
+    lo, hi, has_dup = torch.stack([srt[:, 0].min(), srt[:, -1].max(),
+                                   dup.any().to(torch.int64)]).tolist()
+    if lo < 0 or hi >= V:
+        raise RuntimeError(f"pydistill_ext: teacher_indices must lie in [0, {V}), got values "
+                           f"in [{lo}, {hi}]")
+    if has_dup:
+        r, k = (int(v) for v in dup.nonzero()[0])
+        raise RuntimeError(f"pydistill_ext: teacher_indices row {r} repeats vocabulary index "
+                           f"{int(srt[r, k])}; the K indices must be distinct")
+
+
+def _topk(student, indices, teacher_topk, valid, divergence, beta, temperature, grad_student,
+          grad_teacher, grad_rows):
+    """Shared body of the top-k forward (grad_rows None) and backward ops."""
+    _check_floating(student, "student_logits")
+    _check_floating(teacher_topk, "teacher_logits_topk")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError("pydistill_ext: teacher_indices must be int64 or int32, got "
+                           f"{indices.dtype}")
+    if student.dim() < 1:
+        raise RuntimeError("pydistill_ext: student_logits must have a vocabulary dim")
+    if indices.shape != teacher_topk.shape:
+        raise RuntimeError(f"pydistill_ext: teacher_indices shape {list(indices.shape)} must "
+                           f"equal teacher_logits_topk shape {list(teacher_topk.shape)}")
+    if indices.dim() != student.dim() or indices.shape[:-1] != student.shape[:-1]:
+        raise RuntimeError(f"pydistill_ext: teacher_indices shape {list(indices.shape)} must "
+                           f"match student_logits {list(student.shape)} in all but the last dim")
+    _check_same_device(student, "student_logits", indices, "teacher_indices")
+    _check_same_device(student, "student_logits", teacher_topk, "teacher_logits_topk")
+    _check_temperature(temperature)
+    plan = _plan(divergence, beta)
+    if plan[0] == _KL and not plan[1]:
+        raise RuntimeError(f"pydistill_ext: divergence '{divergence}' is infinite for a top-k "
+                           "teacher (zero mass off its K entries); use jsd, skew_reverse_kl, "
+                           "forward_kl or tvd")
+    V = student.shape[-1]
+    K = indices.shape[-1]
+    if K > V:
+        raise RuntimeError(f"pydistill_ext: top-k size K={K} exceeds the vocabulary V={V}")
+    N = 0 if V == 0 else student.numel() // V
+    _check_valid(valid, student, N)
+    _check_grad_rows(grad_rows, student, N)
+    idx2 = indices.reshape(N, K).to(torch.int64)
+    _check_topk_indices(idx2, V)
+    _check_runnable(student)
+
+    compute = _compute_dtype(student.dtype)
+    dev = student.device
+    backward = grad_rows is not None
+    loss = torch.zeros((0,) if backward else student.shape[:-1], dtype=compute, device=dev)
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = torch.zeros(indices.shape, dtype=compute, device=dev) if grad_teacher \
+        else torch.empty((0,), dtype=compute, device=dev)
+    if N == 0:
+        gs.zero_()
+        return loss, gs, gt.to(teacher_topk.dtype)
+
+    s2 = student.contiguous().view(N, V)
+    tk2 = teacher_topk.reshape(N, K).to(compute)
+    v_u8 = _valid_u8(valid)
+    grow = grad_rows.reshape(-1).to(compute).contiguous() if backward else None
+    gs2 = gs.view(N, V) if grad_student else None
+    gt2 = gt.view(N, K) if grad_teacher else None
+    per_row = V * (torch.finfo(compute).bits // 8) * (2 if grad_teacher else 1)
+    chunk = max(1, min(N, _TOPK_CHUNK_BYTES // max(per_row, 1)))
+    dense = torch.empty((chunk, V), dtype=compute, device=dev)
+    gdense = torch.empty((chunk, V), dtype=compute, device=dev) if grad_teacher else None
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        d = dense[:r1 - r0]
+        d.fill_(-math.inf)
+        d.scatter_(1, idx2[r0:r1], tk2[r0:r1])
+        gd = gdense[:r1 - r0] if grad_teacher else None
+        _run_rows(s2[r0:r1], d, None if v_u8 is None else v_u8[r0:r1],
+                  None if grow is None else grow[r0:r1], plan, temperature, compute,
+                  None if backward else loss.view(N)[r0:r1],
+                  None if gs2 is None else gs2[r0:r1], gd)
+        if grad_teacher:
+            gt2[r0:r1] = gd.gather(1, idx2[r0:r1])
+    return loss, gs, gt.to(teacher_topk.dtype)
+
+
+# =====================================================================================
+# Custom ops
+# =====================================================================================
+
+@torch.library.custom_op("pydistill_ext::kd_loss_forward_triton", mutates_args=())
+def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor,
+                           valid: Optional[torch.Tensor], divergence: str, beta: float,
+                           temperature: float, grad_student: bool,
+                           grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton kernel of pydistill_ext::kd_loss_forward (same arguments and outputs)."""
+    return _dense(student, teacher, valid, divergence, beta, temperature, grad_student,
+                  grad_teacher, None)
 
 
 @kd_loss_forward_triton.register_fake
@@ -555,95 +692,40 @@ def _kd_loss_forward_triton_fake(student, teacher, valid, divergence, beta, temp
     return rows, gs, gt
 
 
-def _check_topk_indices(idx2: torch.Tensor, V: int):
-    """Range and per-row distinctness of the [N, K] int64 indices (one host sync)."""
-    if idx2.numel() == 0:
-        return
-    lo, hi = idx2.min(), idx2.max()
-    srt = idx2.sort(dim=1).values
-    dup = (srt[:, 1:] == srt[:, :-1])
-    flags = torch.stack([lo, hi, dup.any().to(torch.int64)]).tolist()
-    if flags[0] < 0 or flags[1] >= V:
-        raise RuntimeError(f"pydistill_ext: teacher_indices must lie in [0, {V}), got values "
-                           f"in [{flags[0]}, {flags[1]}]")
-    if flags[2]:
-        r, k = (int(v) for v in dup.nonzero()[0])
-        raise RuntimeError(f"pydistill_ext: teacher_indices row {r} repeats vocabulary index "
-                           f"{int(srt[r, k])}; the K indices must be distinct")
+# device_types: registered per backend key, so that make_autograd sees a CUDA kernel for it
+@torch.library.custom_op("pydistill_ext::kd_loss_backward_triton", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def kd_loss_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
+                            teacher: torch.Tensor, valid: Optional[torch.Tensor],
+                            divergence: str, beta: float, temperature: float,
+                            grad_student: bool,
+                            grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel of pydistill_ext::kd_loss_backward: grad_rows[r] * d row_loss[r] / d
+    logits for the requested sides (empty [0] otherwise)."""
+    _, gs, gt = _dense(student, teacher, valid, divergence, beta, temperature, grad_student,
+                       grad_teacher, grad_rows)
+    return gs, gt
+
+
+@kd_loss_backward_triton.register_fake
+def _kd_loss_backward_triton_fake(grad_rows, student, teacher, valid, divergence, beta,
+                                  temperature, grad_student, grad_teacher):
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
+        else teacher.new_empty((0,))
+    return gs, gt
 
 
 @torch.library.custom_op("pydistill_ext::kd_loss_topk_forward_triton", mutates_args=())
 def kd_loss_topk_forward_triton(student: torch.Tensor, teacher_indices: torch.Tensor,
                                 teacher_logits: torch.Tensor, valid: Optional[torch.Tensor],
                                 divergence: str, beta: float, temperature: float,
-                                grad_student: bool,
-                                grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                grad_student: bool, grad_teacher: bool,
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton kernel of pydistill_ext::kd_loss_topk_forward (same arguments and outputs)."""
-    _check_floating(student, "student_logits")
-    _check_floating(teacher_logits, "teacher_logits_topk")
-    if teacher_indices.dtype not in (torch.int64, torch.int32):
-        raise RuntimeError("pydistill_ext: teacher_indices must be int64 or int32, got "
-                           f"{teacher_indices.dtype}")
-    if student.dim() < 1:
-        raise RuntimeError("pydistill_ext: student_logits must have a vocabulary dim")
-    if teacher_indices.shape != teacher_logits.shape:
-        raise RuntimeError(f"pydistill_ext: teacher_indices shape {list(teacher_indices.shape)} "
-                           f"must equal teacher_logits_topk shape {list(teacher_logits.shape)}")
-    if teacher_indices.dim() != student.dim() or teacher_indices.shape[:-1] != student.shape[:-1]:
-        raise RuntimeError(f"pydistill_ext: teacher_indices shape {list(teacher_indices.shape)} "
-                           f"must match student_logits {list(student.shape)} in all but the "
-                           "last dim")
-    _check_same_device(student, "student_logits", teacher_indices, "teacher_indices")
-    _check_same_device(student, "student_logits", teacher_logits, "teacher_logits_topk")
-    _check_temperature(temperature)
-    plan = _plan(divergence, beta)
-    if plan[0] == _KL and not plan[1]:
-        raise RuntimeError(f"pydistill_ext: divergence '{divergence}' is infinite for a top-k "
-                           "teacher (zero mass off its K entries); use jsd, skew_reverse_kl, "
-                           "forward_kl or tvd")
-    V = student.shape[-1]
-    K = teacher_indices.shape[-1]
-    if K > V:
-        raise RuntimeError(f"pydistill_ext: top-k size K={K} exceeds the vocabulary V={V}")
-    N = 0 if V == 0 else student.numel() // V
-    _check_valid(valid, student, N)
-    idx2 = teacher_indices.reshape(N, K).to(torch.int64)
-    _check_topk_indices(idx2, V)
-    _check_runnable(student)
-
-    compute = _compute_dtype(student.dtype)
-    dev = student.device
-    loss = torch.zeros(student.shape[:-1], dtype=compute, device=dev)
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else student.new_empty((0,))
-    gt = torch.zeros(teacher_indices.shape, dtype=compute, device=dev) if grad_teacher \
-        else torch.empty((0,), dtype=compute, device=dev)
-    if N == 0:
-        gs.zero_()
-        return loss, gs, gt.to(teacher_logits.dtype)
-
-    s2 = student.contiguous().view(N, V)
-    tk2 = teacher_logits.reshape(N, K).to(compute)
-    v_u8 = _valid_u8(valid)
-    loss2 = loss.view(N)
-    gs2 = gs.view(N, V) if grad_student else None
-    gt2 = gt.view(N, K) if grad_teacher else None
-    per_row = V * (torch.finfo(compute).bits // 8) * (2 if grad_teacher else 1)
-    chunk = max(1, min(N, _TOPK_CHUNK_BYTES // max(per_row, 1)))
-    dense = torch.empty((chunk, V), dtype=compute, device=dev)
-    gdense = torch.empty((chunk, V), dtype=compute, device=dev) if grad_teacher else None
-    for r0 in range(0, N, chunk):
-        r1 = min(N, r0 + chunk)
-        m = r1 - r0
-        d = dense[:m]
-        d.fill_(-math.inf)
-        d.scatter_(1, idx2[r0:r1], tk2[r0:r1])
-        gd = gdense[:m] if grad_teacher else None
-        _run_dense(s2[r0:r1], d, None if v_u8 is None else v_u8[r0:r1], plan, temperature,
-                   loss2[r0:r1], None if gs2 is None else gs2[r0:r1], gd)
-        if grad_teacher:
-            gt2[r0:r1] = gd.gather(1, idx2[r0:r1])
-    return loss, gs, gt.to(teacher_logits.dtype)
+    return _topk(student, teacher_indices, teacher_logits, valid, divergence, beta,
+                 temperature, grad_student, grad_teacher, None)
 
 
 @kd_loss_topk_forward_triton.register_fake
@@ -657,9 +739,35 @@ def _kd_loss_topk_forward_triton_fake(student, indices, teacher_topk, valid, div
     return rows, gs, gt
 
 
-# Same autograd as the native ops: the backward scales the stored gradient buffers by the
-# incoming per-row gradient (pydistill_ext/ops/kd_loss.py).
-torch.library.register_autograd("pydistill_ext::kd_loss_forward_triton", _kd_backward,
-                                setup_context=_setup_context)
-torch.library.register_autograd("pydistill_ext::kd_loss_topk_forward_triton",
-                                _kd_topk_backward, setup_context=_setup_context)
+@torch.library.custom_op("pydistill_ext::kd_loss_topk_backward_triton", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def kd_loss_topk_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
+                                 teacher_indices: torch.Tensor, teacher_logits: torch.Tensor,
+                                 valid: Optional[torch.Tensor], divergence: str, beta: float,
+                                 temperature: float, grad_student: bool,
+                                 grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel of pydistill_ext::kd_loss_topk_backward."""
+    _, gs, gt = _topk(student, teacher_indices, teacher_logits, valid, divergence, beta,
+                      temperature, grad_student, grad_teacher, grad_rows)
+    return gs, gt
+
+
+@kd_loss_topk_backward_triton.register_fake
+def _kd_loss_topk_backward_triton_fake(grad_rows, student, indices, teacher_topk, valid,
+                                       divergence, beta, temperature, grad_student,
+                                       grad_teacher):
+    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
+        else student.new_empty((0,))
+    gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
+        else teacher_topk.new_empty((0,))
+    return gs, gt
+
+
+# The autograd of the native ops (forward keeps its inputs, backward recomputes the rows),
+# with the Triton backward ops.
+for _topk_flag, _fwd, _bwd in (
+        (False, kd_loss_forward_triton, torch.ops.pydistill_ext.kd_loss_backward_triton),
+        (True, kd_loss_topk_forward_triton, torch.ops.pydistill_ext.kd_loss_topk_backward_triton)):
+    _setup, _bw = make_autograd(_topk_flag, _fwd, _bwd)
+    _fwd.register_autograd(_bw, setup_context=_setup)
+del _topk_flag, _fwd, _bwd, _setup, _bw

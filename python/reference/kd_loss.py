@@ -14,8 +14,12 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
 def _kl_terms(p, lp, lq):
-    # xlogy rule: a zero-probability entry contributes exactly 0
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    # xlogy rule: a zero-probability entry contributes exactly 0. The unselected branch is
+    # made finite too, so that autograd through the where gives 0 there and not 0 * inf.
+    live = p > 0
+    zero = torch.zeros_like(p)
+    lp, lq = torch.where(live, lp, zero), torch.where(live, lq, zero)
+    return torch.where(live, p * (lp - lq), zero).sum(-1)
 
 
 def _log_mix(w, lp, lq):
@@ -46,7 +50,7 @@ def divergence_rows(student, teacher, divergence="forward_kl", beta=0.5, tempera
     elif divergence == "skew_reverse_kl":
         rows = _kl_terms(ps, lps, _log_mix(beta, lps, lpt))
     elif divergence == "tvd":
-        rows = 0.5 * (pt - ps).abs().sum(-1)
+        rows = 0.5 * (pt - ps).abs().sum(-1)  # d|x|/dx at 0 is 0 in PyTorch: sign(0) = 0
     else:
         raise ValueError(divergence)
     dead = torch.isneginf(student.amax(-1)) | torch.isneginf(teacher.amax(-1))
