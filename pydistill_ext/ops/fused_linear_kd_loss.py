@@ -50,6 +50,15 @@ def _project(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
 
 
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc in float32/float64: in place (no [V, H] temporary) when the
+    operands already have acc's dtype, else one low-precision product added in fp32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
 def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty(_EMPTY_SHAPE)
 
@@ -89,7 +98,7 @@ def _run(h, w, b, t_logits, t_h, t_w, t_b, valid, divergence, beta, temperature,
             if want[0]:
                 torch.mm(gs, w, out=g_h[start:end])
             if want[1]:
-                g_w.add_(torch.mm(gs.t(), hc).to(acc))
+                _accumulate_mm(g_w, gs.t(), hc)
             if want[2]:
                 g_b.add_(gs.sum(0, dtype=acc))
         if need_t:
@@ -98,7 +107,7 @@ def _run(h, w, b, t_logits, t_h, t_w, t_b, valid, divergence, beta, temperature,
             if want[4]:
                 torch.mm(gt.to(t_w.dtype), t_w, out=g_th[start:end])
             if want[5]:
-                g_tw.add_(torch.mm(gt.t().to(t_h.dtype), t_h[start:end]).to(acc))
+                _accumulate_mm(g_tw, gt.t().to(t_h.dtype), t_h[start:end])
             if want[6]:
                 g_tb.add_(gt.sum(0, dtype=acc))
     out = [g_h,
@@ -155,9 +164,19 @@ _GRAD_INPUTS = (0, 1, 2, 3, 4, 5, 6)  # positions of the differentiable inputs
 def _setup(ctx, inputs, output):
     ctx.args = inputs[9:13]  # divergence, beta, temperature, chunk_size
     ctx.deferred = inputs[8] is None and not any(inputs[13])  # forward formed no gradients
-    saved = list(inputs[:9]) if ctx.deferred else output[2:]
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)
+    # The inputs (references, no copies) allow recomputation; the gradients formed in forward
+    # are stashed for a single in-place use when they are plain eager tensors (no extra
+    # [V, H] copy in backward), and saved normally while tracing (torch.compile).
+    ctx.stash = None
+    grads = output[2:]
+    saved = list(inputs[:9])
+    if not ctx.deferred:
+        if all(type(g) is torch.Tensor for g in grads):
+            ctx.stash = list(grads)
+        else:
+            saved += list(grads)
     ctx.save_for_backward(*saved)
 
 
@@ -170,14 +189,25 @@ def _backward(ctx, grads):
     if not ctx.deferred:
         # gradients of the plain row sum were formed in forward; callers in this mode use
         # only `total` (the wrapper reduces through it), so d loss / d total scales them all.
-        # Out of place: a retained graph can be differentiated again.
-        return tuple(g * g_total.to(g.dtype) if need[i] else None
-                     for i, g in enumerate(saved)) + (None,) * 7
-    if g_total is not None:
-        g_rows = (g_rows if g_rows is not None else 0) + g_total.expand(saved[0].shape[0])
-    h, w, b, tl, th, tw, tb, valid, _ = saved
+        if ctx.stash is not None:  # first backward: consume the buffers in place
+            stash, ctx.stash = ctx.stash, None
+            return tuple(g.mul_(g_total.to(g.dtype)) if need[i] else None
+                         for i, g in enumerate(stash)) + (None,) * 7
+        if len(saved) > 9:  # traced: out of place
+            return tuple(g * g_total.to(g.dtype) if need[i] else None
+                         for i, g in enumerate(saved[9:])) + (None,) * 7
+        # a retained graph differentiated again: recompute the same sums, scale the same way
+        h, w, b, tl, th, tw, tb, valid, _ = saved[:9]
+        res = fused_linear_kd_forward(h, w, b, tl, th, tw, tb, valid, None, *ctx.args,
+                                      [bool(need[i]) for i in _GRAD_INPUTS])
+        return tuple(g.mul_(g_total.to(g.dtype)) if need[i] else None
+                     for i, g in enumerate(res[2:])) + (None,) * 7
+    g_sum = g_total.expand(saved[0].shape[0]) if g_total is not None else None
+    if ctx.deferred and g_rows is not None:
+        g_sum = g_rows if g_sum is None else g_rows + g_sum
+    h, w, b, tl, th, tw, tb, valid, _ = saved[:9]
     want = [bool(need[i]) for i in _GRAD_INPUTS]
-    res = fused_linear_kd_forward(h, w, b, tl, th, tw, tb, valid, g_rows.contiguous(),
+    res = fused_linear_kd_forward(h, w, b, tl, th, tw, tb, valid, g_sum.contiguous(),
                                   *ctx.args, want)
     return tuple(g if want[i] else None for i, g in enumerate(res[2:])) + (None,) * 7
 
