@@ -92,6 +92,7 @@ def main(argv=None):
     for div in a.divergences:
         for (n, v) in shapes:
             for dt in a.dtypes:
+                torch._dynamo.reset()  # fresh compile cache per configuration
                 s, t = inputs((n, v), DTYPES[dt])
                 for mode in ("fwd", "fwd+bwd"):
                     backward = mode == "fwd+bwd"
@@ -128,8 +129,9 @@ def _line(r):
 
 def _table(rows):
     m = harness.machine()
+    thp = "set (huge pages for every torch tensor)" if m["THP_MEM_ALLOC_ENABLE"] else "unset"
     out = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-           f"at::vec {m['cpu_capability']}. Median ms; peak = extra resident memory of one "
+           f"at::vec {m['cpu_capability']}, THP_MEM_ALLOC_ENABLE {thp}. Median ms; peak = extra resident memory of one "
            "call, in units of one [N, V] input tensor.", "",
            "| divergence | N×V | dtype | mode | pydistill ms | eager ms | compile ms | vs eager | vs compile | peak pydistill | peak eager | peak compile |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -34,7 +34,9 @@ def machine() -> Dict[str, str]:
         pass
     info = {"cpu": cpu, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
             "python": platform.python_version(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            # torch's CPU allocator asks for transparent huge pages for every tensor when set
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

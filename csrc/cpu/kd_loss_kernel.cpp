@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "pydistill/checks.h"
+#include "pydistill/cpu_memory.h"
 #include "pydistill/divergence.h"
 #include "pydistill/kd_row_cpu.h"
 
@@ -93,6 +94,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
                            : at::empty({0}, student.options());
   Tensor gt = grad_teacher ? at::empty_like(teacher, at::MemoryFormat::Contiguous)
                            : at::empty({0}, teacher.options());
+  advise_huge_pages(gs);
+  advise_huge_pages(gt);
   if (N == 0 || V == 0) {
     if (grad_student) gs.zero_();
     if (grad_teacher) gt.zero_();
@@ -217,6 +220,7 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
   Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());
+  advise_huge_pages(gs);
   Tensor gt_c = grad_teacher ? at::zeros(indices.sizes(), student.options().dtype(op_dtype))
                              : at::empty({0}, student.options().dtype(op_dtype));
   if (N == 0 || V == 0) {

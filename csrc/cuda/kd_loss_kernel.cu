@@ -316,13 +316,17 @@ __device__ __forceinline__ T safe_ref(T m) { return m == Num<T>::ninf() ? T(0) :
 // log M = log(w p + (1-w) q) and rho = (1-w) q / M for one element (SKEW/JSD).
 // Linear form when M >= lin_min (accurate: a sum of two non-negative terms); otherwise
 // logaddexp(log w + lp, log(1-w) + lq) in log space, which stays finite for log-probabilities
-// far below -104 (Liger issue 1453) and is -inf only when both terms are -inf. rho is only
-// used where q > 0 (then log M is finite); it is 0 when 1-w == 0.
+// far below -104 (Liger issue 1453) and is -inf only when both terms are -inf. w = 1 takes
+// log M = log w + lp (= lp) exactly, as the CPU kernel's log-space form. rho is only used
+// where q > 0 (then log M is finite); it is 0 when 1-w == 0.
 template <typename T, bool NEED_RHO>
 __device__ __forceinline__ void log_mix(T p, T q, T lp, T lq, T w, T logw, T log1mw, T& lm,
                                         T& rho) {
   const T m = w * p + (T(1) - w) * q;
-  if (m >= Num<T>::lin_min()) {
+  if (log1mw == Num<T>::ninf()) {  // w = 1 (skew, beta = 1): M = P exactly, the loss is 0
+    lm = logw + lp;
+    if constexpr (NEED_RHO) rho = T(0);
+  } else if (m >= Num<T>::lin_min()) {
     lm = Num<T>::lg(m);
     if constexpr (NEED_RHO) rho = (T(1) - w) * q / m;
   } else {

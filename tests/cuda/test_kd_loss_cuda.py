@@ -31,6 +31,10 @@ TOL = {
     torch.bfloat16: dict(loss=(1.6e-2, 1e-3), grad=1.6e-2, floor=0.0),
     torch.float16: dict(loss=(2e-3, 1e-4), grad=2e-3, floor=1.2e-7),
 }
+# Rows of 1e5+ columns: a float32 row sum (S0, S1 of JSD/skew/TVD) that enters every gradient
+# element carries ~1e-6..1e-5 relative rounding (the CPU kernel, which sums ~8K terms per
+# vector lane, errs by 1.1e-4 on test_llama3_vocabulary[float32-jsd]).
+TOL_LONG_ROWS = {**TOL, torch.float32: dict(loss=(1e-4, 1e-5), grad=1e-4, floor=0.0)}
 
 
 # ------------------------------------------------------------------ helpers
@@ -76,10 +80,10 @@ def _grad_err(got, exp, tol):
     assert err <= tol["grad"] * scale + tol["floor"], f"grad error {err:.3g} vs scale {scale:.3g}"
 
 
-def _check(student, teacher, grad_teacher=True, go=None, **kw):
+def _check(student, teacher, grad_teacher=True, go=None, tol=None, **kw):
     """pde.kd_loss(_backend='cuda') and its gradients against the float64 oracle."""
     dtype = student.dtype
-    tol = TOL[dtype]
+    tol = tol or TOL[dtype]
     s = student.clone().requires_grad_()
     t = teacher.clone().requires_grad_(grad_teacher)
     out = pde.kd_loss(s, t, _backend="cuda", **kw)
@@ -109,7 +113,8 @@ def test_cuda_kernels_registered():
 
 
 def test_default_cuda_backend_is_native(monkeypatch):
-    from pydistill_ext.ops import kd_loss as mod
+    import importlib
+    mod = importlib.import_module("pydistill_ext.ops.kd_loss")
     monkeypatch.delenv("PYDISTILL_CUDA_BACKEND", raising=False)
     assert mod.cuda_backend() == "cuda"
 
@@ -151,7 +156,7 @@ def test_llama3_vocabulary(divergence, dtype):
     if divergence == "tvd":
         t = _untie(s, t, 1.0)
     _check(s, t, divergence=divergence, beta=0.4, reduction="sum",
-           go=torch.tensor(-1.7, dtype=torch.float64, device=DEV))
+           go=torch.tensor(-1.7, dtype=torch.float64, device=DEV), tol=TOL_LONG_ROWS[dtype])
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -200,6 +205,8 @@ def test_v_equal_one_is_zero(divergence):
 def test_extreme_logits(divergence, dtype):
     s, t = _inputs((8, 300), torch.float64, scale=1.0, seed=5)
     _check((s * 1e4).to(dtype), (t * 1e4).to(dtype), divergence=divergence, beta=0.4)
+    if dtype == torch.bfloat16:
+        return  # bf16 cannot hold logits of size 3 on top of a 1e4 offset (spacing 64)
     # large common offsets of opposite sign (softmax is shift invariant)
     s, t = _inputs((8, 300), torch.float64, scale=3.0, seed=6)
     s, t = (s + 1e4).to(dtype), (t - 1e4).to(dtype)
@@ -300,6 +307,8 @@ def test_same_as_cpu_kernel(divergence, dtype):
     s[3, 10:20] = -math.inf
     t[3, 10:20] = -math.inf
     s[5] = -math.inf  # dead row
+    if divergence == "tvd":  # two float32 kernels may also pick different signs at a tie
+        t = _untie(s, t, 1.9)
     valid = torch.ones(13, dtype=torch.bool, device=DEV)
     valid[7] = False
     args = (divergence, 0.3, 1.9, True, True)
@@ -465,9 +474,9 @@ def _untie_topk(s, idx, tk, temperature):
     raise AssertionError("could not separate p_s and p_t")
 
 
-def _check_topk(s, idx, tk, go=None, **kw):
-    tol = TOL[s.dtype]
-    ttol = TOL[tk.dtype]
+def _check_topk(s, idx, tk, go=None, tols=TOL, **kw):
+    tol = tols[s.dtype]
+    ttol = tols[tk.dtype]
     ss = s.clone().requires_grad_()
     tt = tk.clone().requires_grad_()
     out = pde.kd_loss_topk(ss, idx, tt, _backend="cuda", **kw)
@@ -509,7 +518,8 @@ def test_topk_llama3_vocabulary(divergence, dtype):
     if divergence == "tvd":
         tk = _untie_topk(s, idx, tk, 1.0)
     go = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEV)
-    _check_topk(s, idx, tk, divergence=divergence, beta=0.6, reduction="none", go=go)
+    _check_topk(s, idx, tk, divergence=divergence, beta=0.6, reduction="none", go=go,
+                tols=TOL_LONG_ROWS)
 
 
 @pytest.mark.parametrize("divergence", TOPK_DIVS)
@@ -532,6 +542,8 @@ def test_topk_same_as_cpu_kernel(divergence, dtype):
     s, idx, tk = _topk_inputs(11, 500, 20, dtype, dtype, seed=9)
     valid = torch.ones(11, dtype=torch.bool, device=DEV)
     valid[3] = False
+    if divergence == "tvd":
+        tk = _untie_topk(s, idx, tk, 1.4)
     tk[6] = -math.inf  # a teacher row with no mass: loss 0, gradient 0
     args = (divergence, 0.3, 1.4, True, True)
     got = OPS.kd_loss_topk_forward(s, idx, tk, valid, *args)
@@ -553,8 +565,11 @@ def test_topk_skew_forward_beta_one_is_zero():
     rows, gs, gt = OPS.kd_loss_topk_forward(s, idx, tk, None, "skew_forward_kl", 1.0, 1.0,
                                             True, True)
     assert torch.count_nonzero(rows) == 0
-    assert torch.isfinite(gs).all() and gs.abs().max().item() < 1e-7
-    assert torch.isfinite(gt).all() and gt.abs().max().item() < 1e-7
+    assert torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
+    s2, t2 = _inputs((5, 300), torch.float32, seed=3)  # dense: the same
+    rows, gs, gt = OPS.kd_loss_forward(s2, t2, None, "skew_forward_kl", 1.0, 1.0, True, True)
+    assert torch.count_nonzero(rows) == 0 and torch.count_nonzero(gs) == 0
+    assert torch.count_nonzero(gt) == 0
 
 
 def test_topk_output_contract_and_edges():
