@@ -68,7 +68,7 @@ def want_cuda():
 
 def extensions():
     cap = detect_cpu_capability()
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] + CAPABILITY_FLAGS[cap]
+    cxx = ["-O3", "-fopenmp"] + CAPABILITY_FLAGS[cap]  # the C++ standard is torch's choice
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     use_cuda, why = want_cuda()
@@ -83,7 +83,7 @@ def extensions():
         inc = os.path.join(base, "nvidia", "cu13", "include")
         if os.path.isdir(inc):
             include_dirs.append(inc)
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DPYDISTILL_WITH_CUDA"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-DPYDISTILL_WITH_CUDA"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not arch and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

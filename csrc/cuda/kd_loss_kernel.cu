@@ -10,7 +10,8 @@
 // deliberate difference: a +inf logit is treated like a NaN (the CPU kernel produces NaN for
 // the loss and most gradient entries of such a row; here all of them are NaN).
 //
-// Layout: one CTA per row (grid-stride over rows), 64..1024 threads chosen from V, 16-byte
+// Layout: one CTA per row (grid-stride over rows), 64..1024 threads chosen from V (at most 512
+// for single-pass launches so that two CTAs share an SM; knobs in pick_threads), 16-byte
 // vector loads/stores (8 bf16/fp16, 4 fp32, 2 fp64 per access) on the aligned body of each row
 // with scalar head/tail pieces, block reductions by warp shuffles + one shared-memory round
 // (deterministic: fixed order for a given block size), math in at::opmath_type (fp32; fp64 for
@@ -45,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -799,18 +801,33 @@ Tensor make_aligned(const Tensor& t) {
   return c;
 }
 
-// Threads per row: >= 4 vectors per thread, a power of two in [64, 1024].
-int pick_threads(int64_t vectors) {
+// Tuning knobs, read on the host at every call (benchmarking without rebuilding):
+//   PYDISTILL_CUDA_KD_THREADS   cap on threads per row for launches that re-read the row
+//                               (default 1024: one CTA per SM holding the largest cache)
+//   PYDISTILL_CUDA_KD_THREADS_1 cap for single-pass launches (default 512: two CTAs per SM, so
+//                               one CTA's reduction tail overlaps the other's loads)
+//   PYDISTILL_CUDA_KD_CACHE=0   disables the shared-memory row cache
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  return std::atoi(v);
+}
+
+// Threads per row: >= 4 vectors per thread, a power of two in [64, cap] (cap <= 1024).
+int pick_threads(int64_t vectors, bool rereads) {
+  int cap = rereads ? env_int("PYDISTILL_CUDA_KD_THREADS", kMaxThreads)
+                    : env_int("PYDISTILL_CUDA_KD_THREADS_1", 512);
+  cap = std::max(kMinThreads, std::min(kMaxThreads, cap));
   const int64_t want = (vectors + 3) / 4;
   int t = kMinThreads;
-  while (t < want && t < kMaxThreads) t <<= 1;
+  while (t < want && t * 2 <= cap) t <<= 1;
   return t;
 }
 
 // Cache slots per thread: enough to hold the whole row when it fits in the opt-in shared
 // memory of one block, else as many as fit.
 int pick_cache(int64_t vectors, int threads, int sides, bool rereads) {
-  if (!rereads) return 0;
+  if (!rereads || env_int("PYDISTILL_CUDA_KD_CACHE", 1) == 0) return 0;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t avail = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - kStaticSmem;
   const int64_t per_slot = static_cast<int64_t>(sides) * kVecBytes * threads;
@@ -891,8 +908,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cuda(
 
   const int64_t elem = static_cast<int64_t>(student.element_size());
   const int64_t vectors = (V * elem + kVecBytes - 1) / kVecBytes;
-  const int threads = pick_threads(vectors);
   const bool rereads = grad_student || grad_teacher || plan.family != Family::KL;
+  const int threads = pick_threads(vectors, rereads);
   const int kc = pick_cache(vectors, threads, 2, rereads);
   const size_t smem = static_cast<size_t>(kc) * 2 * kVecBytes * threads;
 
@@ -1031,7 +1048,7 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cuda(
 
   const int64_t elem = static_cast<int64_t>(student.element_size());
   const int64_t vectors = (V * elem + kVecBytes - 1) / kVecBytes;
-  const int threads = pick_threads(std::max<int64_t>(vectors, (K + 1) / 2));
+  const int threads = pick_threads(std::max<int64_t>(vectors, (K + 1) / 2), grad_student);
   const int kc = pick_cache(vectors, threads, 1, grad_student);
   const size_t smem = static_cast<size_t>(kc) * kVecBytes * threads;
 

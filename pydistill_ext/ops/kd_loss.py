@@ -89,7 +89,9 @@ def make_autograd(topk: bool, forward_op, backward_op=None):
     """(setup_context, backward) for a kd_loss forward op. backward_op: a native
     kd_loss(_topk)_backward op (used where it has a kernel for the tensors' device), or None
     to use the forward with gradients + scaling."""
-    backward_name = backward_op._qualified_op_name if backward_op is not None else None
+    # decided once here, not per call: torch.compile cannot trace dispatcher queries
+    backward_on_cuda = backward_op is not None and has_kernel(
+        backward_op._qualified_op_name.split("::")[-1], "CUDA")
     n_tensors = 4 if topk else 3
     teacher_pos = 2 if topk else 1
 
@@ -106,8 +108,7 @@ def make_autograd(topk: bool, forward_op, backward_op=None):
         tensors = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[teacher_pos]
         grad_rows = grad_rows.contiguous()
-        if backward_op is not None and (tensors[0].device.type != "cuda"
-                                        or has_kernel(backward_name.split("::")[-1], "CUDA")):
+        if backward_op is not None and (tensors[0].device.type != "cuda" or backward_on_cuda):
             gs, gt = backward_op(grad_rows, *tensors, *ctx.args, need_s, need_t)
         else:
             gs, gt = _backward_fallback(forward_op, grad_rows, tensors, ctx.args, need_s, need_t)
@@ -127,6 +128,9 @@ for _topk, _fwd, _bwd in ((False, ops.kd_loss_forward, ops.kd_loss_backward),
 
 # ---------------------------------------------------------------- backend choice
 
+_NATIVE_CUDA = has_kernel("kd_loss_forward", "CUDA")  # fixed at build time
+
+
 def cuda_backend() -> str:
     """'cuda' (the C++ CUDA kernels) or 'triton', from PYDISTILL_CUDA_BACKEND (default cuda,
     falling back to triton when the CUDA kernels were not built)."""
@@ -134,7 +138,7 @@ def cuda_backend() -> str:
     if want not in (None, "cuda", "triton"):
         raise ValueError(f"PYDISTILL_CUDA_BACKEND must be 'cuda' or 'triton', got {want!r}")
     if want is None:
-        want = "cuda" if has_kernel("kd_loss_forward", "CUDA") else "triton"
+        want = "cuda" if _NATIVE_CUDA else "triton"
     return want
 
 
@@ -144,7 +148,7 @@ def _forward_op(device: torch.device, topk: bool, backend: Optional[str]):
     if backend == "triton":
         from pydistill_ext.triton import kd_loss as tkd  # imported lazily: triton is optional
         return tkd.kd_loss_topk_forward_triton if topk else tkd.kd_loss_forward_triton
-    if device.type == "cuda" and not has_kernel("kd_loss_forward", "CUDA"):
+    if device.type == "cuda" and not _NATIVE_CUDA:
         raise RuntimeError("pydistill_ext was built without CUDA kernels; rebuild with a CUDA "
                            "torch or set PYDISTILL_CUDA_BACKEND=triton")
     return ops.kd_loss_topk_forward if topk else ops.kd_loss_forward

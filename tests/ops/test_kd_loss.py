@@ -406,3 +406,23 @@ def test_property_against_oracle(n, v, divergence, temperature, beta, scale, mas
     ref.kd_loss(s64, t[:, k:], divergence=divergence, beta=beta, temperature=temperature,
                 labels=labels, reduction="sum").backward()
     torch.testing.assert_close(ss.grad[:, k:], s64.grad, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_large_vocabulary(divergence):
+    # V beyond 131072 (Qwen3 151936, Gemma 262144): no block-size limit on the CPU path
+    s, t = _inputs((2, 262144), torch.float32, seed=11)
+    _check(s, t, divergence=divergence)
+
+
+@pytest.mark.parametrize("divergence", ["skew_forward_kl", "skew_reverse_kl"])
+def test_skew_beta_one_is_zero_even_with_minus_inf(divergence):
+    s, t = _inputs((3, 12), torch.float32)
+    s[:, 2] = -math.inf
+    t[:, 3] = -math.inf
+    s.requires_grad_()
+    t.requires_grad_()
+    loss = pde.kd_loss(s, t, divergence=divergence, beta=1.0, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0
+    assert torch.count_nonzero(s.grad) == 0 and torch.count_nonzero(t.grad) == 0
