@@ -9,7 +9,6 @@ weight; the teacher is given as hidden states + its own frozen lm_head.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -48,16 +47,7 @@ def run(variant, x):
 
 def measure_memory(variant, n, hd, v):
     x = inputs(n, hd, v)
-    run(variant, x)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = harness.current_rss_bytes()
-    out = run(variant, x)
-    del out
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    print(max(hwm - base, 0))
+    print(harness.measure_peak_extra(lambda: run(variant, x)))
 
 
 def main(argv=None):

@@ -8,7 +8,6 @@ extra memory in a fresh process per variant.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -55,17 +54,7 @@ def measure_memory(variant, n, v, dtype_name, mode, divergence):
     """Child process: peak RSS above the baseline (inputs allocated, warm-up done)."""
     s, t = inputs((n, v), DTYPES[dtype_name])
     fn = make_fn(variant, divergence)
-    backward = mode == "fwd+bwd"
-    step(fn, s, t, backward)  # warm-up (and compilation) outside the measured window
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS watermark (VmHWM)
-    base = harness.current_rss_bytes()
-    out = step(fn, s, t, backward)
-    del out
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    print(max(hwm - base, 0))
+    print(harness.measure_peak_extra(lambda: step(fn, s, t, mode == "fwd+bwd")))
 
 
 def main(argv=None):

@@ -67,6 +67,22 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def measure_peak_extra(run: Callable[[], object]) -> int:
+    """In a fresh process: run() once as warm-up (and compilation), then the resident-memory
+    high-water mark of a second run() above the memory held before it, in bytes."""
+    import gc
+    run()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS watermark (VmHWM)
+    base = current_rss_bytes()
+    out = run()
+    del out
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return max(hwm - base, 0)
+
+
 def peak_memory_subprocess(module: str, args: List[str]) -> int:
     """Run `python -m <module> --measure-memory ...` in a fresh process; it prints the peak
     RSS above its baseline (inputs already allocated and touched) in bytes."""

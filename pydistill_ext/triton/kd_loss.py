@@ -63,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pydistill_ext.ops import kd_loss as _native
 from pydistill_ext.ops.kd_loss import make_autograd
 
 __all__ = ["kd_loss_forward_triton", "kd_loss_backward_triton", "kd_loss_topk_forward_triton",
@@ -681,15 +682,7 @@ def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor,
                   grad_teacher, None)
 
 
-@kd_loss_forward_triton.register_fake
-def _kd_loss_forward_triton_fake(student, teacher, valid, divergence, beta, temperature,
-                                 grad_student, grad_teacher):
-    rows = student.new_empty(student.shape[:-1], dtype=_compute_dtype(student.dtype))
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else student.new_empty((0,))
-    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
-        else teacher.new_empty((0,))
-    return rows, gs, gt
+kd_loss_forward_triton.register_fake(_native._kd_loss_forward_fake)  # same shapes as the native op
 
 
 # device_types: registered per backend key, so that make_autograd sees a CUDA kernel for it
@@ -707,14 +700,7 @@ def kd_loss_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
     return gs, gt
 
 
-@kd_loss_backward_triton.register_fake
-def _kd_loss_backward_triton_fake(grad_rows, student, teacher, valid, divergence, beta,
-                                  temperature, grad_student, grad_teacher):
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else student.new_empty((0,))
-    gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
-        else teacher.new_empty((0,))
-    return gs, gt
+kd_loss_backward_triton.register_fake(_native._kd_loss_backward_fake)  # same shapes as the native op
 
 
 @torch.library.custom_op("pydistill_ext::kd_loss_topk_forward_triton", mutates_args=())
@@ -728,15 +714,7 @@ def kd_loss_topk_forward_triton(student: torch.Tensor, teacher_indices: torch.Te
                  temperature, grad_student, grad_teacher, None)
 
 
-@kd_loss_topk_forward_triton.register_fake
-def _kd_loss_topk_forward_triton_fake(student, indices, teacher_topk, valid, divergence, beta,
-                                      temperature, grad_student, grad_teacher):
-    rows = student.new_empty(student.shape[:-1], dtype=_compute_dtype(student.dtype))
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else student.new_empty((0,))
-    gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
-        else teacher_topk.new_empty((0,))
-    return rows, gs, gt
+kd_loss_topk_forward_triton.register_fake(_native._kd_loss_topk_forward_fake)  # same shapes as the native op
 
 
 @torch.library.custom_op("pydistill_ext::kd_loss_topk_backward_triton", mutates_args=(),
@@ -752,15 +730,7 @@ def kd_loss_topk_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
     return gs, gt
 
 
-@kd_loss_topk_backward_triton.register_fake
-def _kd_loss_topk_backward_triton_fake(grad_rows, student, indices, teacher_topk, valid,
-                                       divergence, beta, temperature, grad_student,
-                                       grad_teacher):
-    gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
-        else student.new_empty((0,))
-    gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
-        else teacher_topk.new_empty((0,))
-    return gs, gt
+kd_loss_topk_backward_triton.register_fake(_native._kd_loss_topk_backward_fake)  # same shapes as the native op
 
 
 # The autograd of the native ops (forward keeps its inputs, backward recomputes the rows),
