@@ -88,6 +88,10 @@ def peak_memory_subprocess(module: str, args: List[str]) -> int:
     RSS above its baseline (inputs already allocated and touched) in bytes."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    # a fixed glibc mmap threshold: every block >= 64 KiB is mapped on allocation and
+    # unmapped on free, so memory freed during the warm-up is not silently reused from the
+    # heap (which would hide it from the high-water mark)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run([sys.executable, "-m", module, "--measure-memory", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
