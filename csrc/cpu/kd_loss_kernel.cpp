@@ -32,6 +32,19 @@ constexpr int64_t kPad = 64;  // scratch padding: whole-vector loads past the ro
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
+// The optional per-row statistics given to a backward: [rows, kStats] of the compute dtype.
+Tensor checked_stats(const std::optional<Tensor>& stats, const Tensor& ref, int64_t rows,
+                     at::ScalarType op_dtype) {
+  if (!stats.has_value()) return Tensor();
+  const Tensor& st = *stats;
+  TORCH_CHECK(st.numel() == rows * cpu::kStats, "pydistill_ext: stats must hold ", cpu::kStats,
+              " values per row (", rows * cpu::kStats, "), got ", st.numel());
+  TORCH_CHECK(st.scalar_type() == op_dtype, "pydistill_ext: stats must be ", op_dtype,
+              " (the compute dtype of the logits), got ", st.scalar_type());
+  check_same_device(ref, "student_logits", st, "stats");
+  return st.contiguous();
+}
+
 // Row buffers for one worker: compute-type copies of the rows (only for half/bf16) and
 // the kernel's scratch. Zero-initialised so padded lanes read as 0.
 template <typename opmath_t>
@@ -61,10 +74,10 @@ inline void store_back(const opmath_t* src, int64_t V, scalar_t* dst) {
 
 // Shared body of kd_loss_forward (grad_rows undefined: row losses, and the plain gradients
 // when asked) and kd_loss_backward (grad_rows [rows]: gradients scaled per row, no loss).
-std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_dense_cpu(
     const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
     std::string_view divergence, double beta, double temperature, bool grad_student,
-    bool grad_teacher, const Tensor& grad_rows) {
+    bool grad_teacher, const Tensor& grad_rows, const std::optional<Tensor>& stats_in) {
   check_floating(student, "student_logits");
   check_floating(teacher, "teacher_logits");
   TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
@@ -88,6 +101,11 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
     check_same_device(student, "student_logits", grad_rows, "grad_rows");
     gr = grad_rows.to(op_dtype).contiguous();
   }
+  const Tensor st_in = checked_stats(stats_in, student, N, op_dtype);
+  auto stats_shape = lead.vec();
+  stats_shape.push_back(cpu::kStats);
+  Tensor stats = at::zeros(backward ? std::vector<int64_t>{0} : stats_shape,
+                           student.options().dtype(op_dtype));
 
   Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
@@ -99,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
   if (N == 0 || V == 0) {
     if (grad_student) gs.zero_();
     if (grad_teacher) gt.zero_();
-    return {loss, gs, gt};
+    return {loss, gs, gt, stats};
   }
   const Tensor s = student.contiguous(), t = teacher.contiguous();
   const Tensor vmask = valid.has_value() ? valid->contiguous() : Tensor();
@@ -112,6 +130,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
     scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
     scalar_t* gtp = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
     opmath_t* lp = backward ? nullptr : loss.data_ptr<opmath_t>();
+    opmath_t* stp = backward ? nullptr : stats.data_ptr<opmath_t>();
+    const opmath_t* stin = st_in.defined() ? st_in.data_ptr<opmath_t>() : nullptr;
     const opmath_t* grp = backward ? gr.data_ptr<opmath_t>() : nullptr;
     const opmath_t inv_temp = static_cast<opmath_t>(1.0 / temperature);
     constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
@@ -142,9 +162,15 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
         const opmath_t* y = plan.teacher_is_p ? srow : trow;
         opmath_t* gx = plan.teacher_is_p ? gt_c : gs_c;
         opmath_t* gy = plan.teacher_is_p ? gs_c : gt_c;
-        const opmath_t l = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, scale, gx, gy,
-                                                        sc.row(0), sc.row(1), sc.row(2));
-        if (lp) lp[r] = l;
+        if (stin) {
+          cpu::divergence_row_backward<opmath_t>(x, y, V, plan, inv_temp, scale,
+                                                 stin + r * cpu::kStats, gx, gy);
+        } else {
+          const opmath_t l = cpu::divergence_row<opmath_t>(
+              x, y, V, plan, inv_temp, scale, gx, gy, sc.row(0), sc.row(1), sc.row(2),
+              stp ? stp + r * cpu::kStats : nullptr);
+          if (lp) lp[r] = l;
+        }
         if constexpr (reduced) {
           if (gs_row) store_back<scalar_t, opmath_t>(gs_c, V, gs_row);
           if (gt_row) store_back<scalar_t, opmath_t>(gt_c, V, gt_row);
@@ -152,30 +178,32 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cpu(
       }
     });
   });
-  return {loss, gs, gt};
+  return {loss, gs, gt, stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_forward_cpu(
     const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
     std::string_view divergence, double beta, double temperature, bool grad_student,
     bool grad_teacher) {
   return kd_loss_dense_cpu(student, teacher, valid, divergence, beta, temperature,
-                           grad_student, grad_teacher, Tensor());
+                           grad_student, grad_teacher, Tensor(), std::nullopt);
 }
 
 std::tuple<Tensor, Tensor> kd_loss_backward_cpu(
     const Tensor& grad_rows, const Tensor& student, const Tensor& teacher,
-    const std::optional<Tensor>& valid, std::string_view divergence, double beta,
-    double temperature, bool grad_student, bool grad_teacher) {
+    const std::optional<Tensor>& valid, const std::optional<Tensor>& stats,
+    std::string_view divergence, double beta, double temperature, bool grad_student,
+    bool grad_teacher) {
   auto out = kd_loss_dense_cpu(student, teacher, valid, divergence, beta, temperature,
-                               grad_student, grad_teacher, grad_rows);
+                               grad_student, grad_teacher, grad_rows, stats);
   return {std::get<1>(out), std::get<2>(out)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cpu(
     const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
     const std::optional<Tensor>& valid, std::string_view divergence, double beta,
-    double temperature, bool grad_student, bool grad_teacher, const Tensor& grad_rows) {
+    double temperature, bool grad_student, bool grad_teacher, const Tensor& grad_rows,
+    const std::optional<Tensor>& stats_in) {
   check_floating(student, "student_logits");
   check_floating(teacher_topk, "teacher_logits_topk");
   TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
@@ -217,6 +245,11 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
     check_same_device(student, "student_logits", grad_rows, "grad_rows");
     gr = grad_rows.to(op_dtype).contiguous();
   }
+  const Tensor st_in = checked_stats(stats_in, student, N, op_dtype);
+  auto stats_shape = lead.vec();
+  stats_shape.push_back(cpu::kStats);
+  Tensor stats = at::zeros(backward ? std::vector<int64_t>{0} : stats_shape,
+                           student.options().dtype(op_dtype));
   Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());
@@ -225,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
                              : at::empty({0}, student.options().dtype(op_dtype));
   if (N == 0 || V == 0) {
     if (grad_student) gs.zero_();
-    return {loss, gs, gt_c.to(teacher_topk.scalar_type())};
+    return {loss, gs, gt_c.to(teacher_topk.scalar_type()), stats};
   }
   const Tensor s = student.contiguous();
   const Tensor tk = teacher_topk.to(op_dtype).contiguous();
@@ -240,6 +273,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
     scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
     opmath_t* gtp = grad_teacher ? gt_c.data_ptr<opmath_t>() : nullptr;
     opmath_t* lp = backward ? nullptr : loss.data_ptr<opmath_t>();
+    opmath_t* stp = backward ? nullptr : stats.data_ptr<opmath_t>();
+    const opmath_t* stin = st_in.defined() ? st_in.data_ptr<opmath_t>() : nullptr;
     const opmath_t* grp = backward ? gr.data_ptr<opmath_t>() : nullptr;
     const opmath_t inv_temp = static_cast<opmath_t>(1.0 / temperature);
     constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
@@ -276,9 +311,15 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
         const opmath_t* y = plan.teacher_is_p ? srow : trow;
         opmath_t* gx = plan.teacher_is_p ? gt_dense : gs_c;
         opmath_t* gy = plan.teacher_is_p ? gs_c : gt_dense;
-        const opmath_t l = cpu::divergence_row<opmath_t>(x, y, V, plan, inv_temp, scale, gx, gy,
-                                                        sc.row(0), sc.row(1), sc.row(2));
-        if (lp) lp[r] = l;
+        if (stin) {
+          cpu::divergence_row_backward<opmath_t>(x, y, V, plan, inv_temp, scale,
+                                                 stin + r * cpu::kStats, gx, gy);
+        } else {
+          const opmath_t l = cpu::divergence_row<opmath_t>(
+              x, y, V, plan, inv_temp, scale, gx, gy, sc.row(0), sc.row(1), sc.row(2),
+              stp ? stp + r * cpu::kStats : nullptr);
+          if (lp) lp[r] = l;
+        }
         if (gtp)
           for (int64_t k = 0; k < K; ++k) gtp[r * K + k] = gt_dense[irow[k]];
         for (int64_t k = 0; k < K; ++k) trow[irow[k]] = ninf;
@@ -288,24 +329,25 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cpu(
       }
     });
   });
-  return {loss, gs, gt_c.to(teacher_topk.scalar_type())};
+  return {loss, gs, gt_c.to(teacher_topk.scalar_type()), stats};
 }
 
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_forward_cpu(
     const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
     const std::optional<Tensor>& valid, std::string_view divergence, double beta,
     double temperature, bool grad_student, bool grad_teacher) {
   return kd_loss_topk_cpu(student, indices, teacher_topk, valid, divergence, beta,
-                          temperature, grad_student, grad_teacher, Tensor());
+                          temperature, grad_student, grad_teacher, Tensor(), std::nullopt);
 }
 
 std::tuple<Tensor, Tensor> kd_loss_topk_backward_cpu(
     const Tensor& grad_rows, const Tensor& student, const Tensor& indices,
-    const Tensor& teacher_topk, const std::optional<Tensor>& valid, std::string_view divergence,
-    double beta, double temperature, bool grad_student, bool grad_teacher) {
+    const Tensor& teacher_topk, const std::optional<Tensor>& valid,
+    const std::optional<Tensor>& stats, std::string_view divergence, double beta,
+    double temperature, bool grad_student, bool grad_teacher) {
   auto out = kd_loss_topk_cpu(student, indices, teacher_topk, valid, divergence, beta,
-                              temperature, grad_student, grad_teacher, grad_rows);
+                              temperature, grad_student, grad_teacher, grad_rows, stats);
   return {std::get<1>(out), std::get<2>(out)};
 }
 

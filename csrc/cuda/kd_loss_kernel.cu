@@ -72,6 +72,10 @@ constexpr int kSKEW = static_cast<int>(Family::SKEW);
 constexpr int kJSD = static_cast<int>(Family::JSD);
 constexpr int kTVD = static_cast<int>(Family::TVD);
 
+// Per-row statistics of the forward, handed to the backward (csrc/registration.cpp):
+// (mx, my, log Zp, log Zq, L, s0, s1, s2) of the (P, Q) pair, in the compute dtype.
+constexpr int kStats = 8;
+
 // ------------------------------------------------------------------ device numerics
 
 template <typename T>
@@ -94,6 +98,11 @@ struct Num<float> {
   // log M is formed as log(w p + (1-w) q) when that sum is at least this (both terms are
   // then far from float's subnormal range), else in log space with logaddexp.
   static __device__ __forceinline__ float lin_min() { return 1e-30f; }
+  // exp(-l) for a row's log normaliser l (once per row: computed in double, so 1/Z carries
+  // no more than the rounding of l itself; __expf would add a few ulp)
+  static __device__ __forceinline__ float inv_exp(float l) {
+    return static_cast<float>(::exp(-static_cast<double>(l)));
+  }
 };
 
 template <>
@@ -112,6 +121,7 @@ struct Num<double> {
     return (b & 0x7fffffffffffffffULL) > 0x7ff0000000000000ULL || b == 0x7ff0000000000000ULL;
   }
   static __device__ __forceinline__ double lin_min() { return 1e-290; }
+  static __device__ __forceinline__ double inv_exp(double l) { return ::exp(-l); }
 };
 
 // ------------------------------------------------------------------ vectors and row layout
@@ -397,6 +407,22 @@ __device__ __forceinline__ T family_loss(T S0, T S1, T w) {
   else return w * S0 + (T(1) - w) * S1;
 }
 
+// Thread 0 writes the row's statistics (stats: [N, kStats] or nullptr).
+template <typename T>
+__device__ __forceinline__ void store_stats(T* stats, int64_t r, T mx, T my, T lzp, T lzq, T L,
+                                            T s0, T s1, T s2) {
+  if (stats == nullptr || threadIdx.x != 0) return;
+  T* o = stats + r * kStats;
+  o[0] = mx;
+  o[1] = my;
+  o[2] = lzp;
+  o[3] = lzq;
+  o[4] = L;
+  o[5] = s0;
+  o[6] = s1;
+  o[7] = s2;
+}
+
 // ------------------------------------------------------------------ dense kernel
 
 template <typename scalar_t, typename T>
@@ -406,6 +432,8 @@ struct DenseArgs {
   scalar_t* gx;        // d/dx [N, V] or nullptr
   scalar_t* gy;        // d/dy [N, V] or nullptr
   T* loss;             // [N] or nullptr (backward)
+  T* stats;            // [N, kStats] statistics out (forward) or nullptr
+  const T* stats_in;   // [N, kStats] statistics of the forward (backward, FROM_STATS)
   const bool* valid;   // [N] or nullptr
   const T* grad_rows;  // [N] per-row gradient scale (backward) or nullptr
   int64_t N, V;
@@ -444,7 +472,13 @@ struct DenseArgs {
 // logits (masked vocabulary) and exp underflow give exact zeros; log M in log space when the
 // linear mixture is tiny (log_mix); a row with a NaN (or +inf) logit on either side gives NaN
 // loss and gradients, a row whose maximum is -inf on a side gives loss 0 and gradient 0.
-template <typename scalar_t, int FAM>
+//
+// FROM_STATS (backward with the forward's statistics): mx, my, log Zp, log Zq, L, S0..S2 are
+// read from stats_in[r], passes A and B are skipped, and pass C alone reads the row pair once
+// (no shared-memory cache: the host launches with kc = 0), with 1/Z = exp(-log Z). A row whose
+// stats maximum is NaN gets NaN gradients, one whose maximum is -inf gets zeros, and so does
+// every row of SKEW with w = 1 (KL(P || P) = 0), as the CPU kernel's divergence_row_backward.
+template <typename scalar_t, int FAM, bool FROM_STATS>
 __global__ void __launch_bounds__(kMaxThreads)
     kd_dense_kernel(const DenseArgs<scalar_t, at::opmath_type<scalar_t>> a) {
   using T = at::opmath_type<scalar_t>;
@@ -457,6 +491,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T ninf = Num<T>::ninf();
   const T it = a.it;
   const int64_t V = a.V;
+  const T w = a.w, logw = a.logw, log1mw = a.log1mw;
 
   for (int64_t r = blockIdx.x; r < a.N; r += gridDim.x) {
     const scalar_t* xr = a.x + r * V;
@@ -470,101 +505,133 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (gxr) fill_row(gxr, V, scalar_t(0));
       if (gyr) fill_row(gyr, V, scalar_t(0));
       if (a.loss && threadIdx.x == 0) a.loss[r] = T(0);
+      store_stats(a.stats, r, T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0));
       continue;
     }
     const Geo g = row_geo(xr, V);
 
-    // ---- pass A: online maxima and exp-sums (+ KL loss accumulator)
-    T mx = ninf, my = ninf, sx = T(0), sy = T(0), d = T(0);
-    bool bad = false;
-    sweep<2, true, scalar_t, T>(xr, yr, V, g, cx, cy, a.kc,
-        [&](const T (&fx)[VEC], const T (&fy)[VEC], int64_t, int) {
-          T cmx = mx, cmy = my;
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            bad |= Num<T>::nan_or_pinf(fx[k]) | Num<T>::nan_or_pinf(fy[k]);
-            cmx = fx[k] > cmx ? fx[k] : cmx;
-            cmy = fy[k] > cmy ? fy[k] : cmy;
-          }
-          if (cmx > mx) {
-            if (mx != ninf) {
-              const T rr = Num<T>::ex((mx - cmx) * it);
-              if constexpr (FAM == kKL) d = rr > T(0) ? rr * (d - sx * ((cmx - mx) * it)) : T(0);
-              sx *= rr;
-            }
-            mx = cmx;
-          }
-          if (cmy > my) {
-            const T ry_old = safe_ref(my);
-            if (my != ninf) sy *= Num<T>::ex((my - cmy) * it);
-            if constexpr (FAM == kKL) {
-              if (sx > T(0)) d += sx * ((cmy - ry_old) * it);
-            }
-            my = cmy;
-          }
-          const T rx = safe_ref(mx), ry = safe_ref(my);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const T u = (fx[k] - rx) * it, v = (fy[k] - ry) * it;
-            const T e = Num<T>::ex(u);
-            sx += e;
-            sy += Num<T>::ex(v);
-            if constexpr (FAM == kKL) d += e > T(0) ? e * (u - v) : T(0);
-          }
-        });
-    T mv[3] = {mx, my, bad ? T(1) : T(0)};
-    block_allreduce<3>(mv, red, MaxOp());
-    const T gmx = mv[0], gmy = mv[1];
-    if (mv[2] > T(0)) {  // NaN / +inf somewhere in the row pair
-      if (gxr) fill_row(gxr, V, static_cast<scalar_t>(Num<T>::qnan()));
-      if (gyr) fill_row(gyr, V, static_cast<scalar_t>(Num<T>::qnan()));
-      if (a.loss && threadIdx.x == 0) a.loss[r] = Num<T>::qnan();
-      continue;
-    }
-    if (gmx == ninf || gmy == ninf) {  // a side with every logit -inf
-      if (gxr) fill_row(gxr, V, scalar_t(0));
-      if (gyr) fill_row(gyr, V, scalar_t(0));
-      if (a.loss && threadIdx.x == 0) a.loss[r] = T(0);
-      continue;
-    }
-    T sv[3];
-    const T rxs = mx != ninf ? Num<T>::ex((mx - gmx) * it) : T(0);
-    sv[0] = sx * rxs;
-    sv[1] = my != ninf ? sy * Num<T>::ex((my - gmy) * it) : T(0);
-    sv[2] = T(0);
-    if constexpr (FAM == kKL) {
-      if (sx > T(0) && rxs > T(0))
-        sv[2] = rxs * (d + sx * (((gmy - safe_ref(my)) - (gmx - mx)) * it));
-    }
-    block_allreduce<3>(sv, red, SumOp());
-    const T Zx = sv[0], Zy = sv[1];
-    const T lzx = Num<T>::lg(Zx), lzy = Num<T>::lg(Zy);
-    const T izx = T(1) / Zx, izy = T(1) / Zy;
-    const T w = a.w, logw = a.logw, log1mw = a.log1mw;
-
-    T L, S0 = T(0), S1 = T(0), S2 = T(0);
-    if constexpr (FAM == kKL) {
-      L = sv[2] * izx + lzy - lzx;
+    T gmx, gmy, lzx, lzy, izx, izy, L, S0 = T(0), S1 = T(0), S2 = T(0);
+    if constexpr (FROM_STATS) {
+      // ---- the forward's statistics instead of passes A and B (uniform over the block)
+      const T* st = a.stats_in + r * kStats;
+      gmx = st[0];
+      gmy = st[1];
+      if (Num<T>::nan_or_pinf(gmx) || Num<T>::nan_or_pinf(gmy)) {
+        if (gxr) fill_row(gxr, V, static_cast<scalar_t>(Num<T>::qnan()));
+        if (gyr) fill_row(gyr, V, static_cast<scalar_t>(Num<T>::qnan()));
+        continue;
+      }
+      if (gmx == ninf || gmy == ninf || (FAM == kSKEW && log1mw == ninf)) {
+        if (gxr) fill_row(gxr, V, scalar_t(0));
+        if (gyr) fill_row(gyr, V, scalar_t(0));
+        continue;
+      }
+      lzx = st[2];
+      lzy = st[3];
+      L = st[4];
+      S0 = st[5];
+      S1 = st[6];
+      S2 = st[7];
+      izx = Num<T>::inv_exp(lzx);
+      izy = Num<T>::inv_exp(lzy);
     } else {
-      // ---- pass B: loss and cross-column sums
-      T acc[3] = {T(0), T(0), T(0)};
-      sweep<2, false, scalar_t, T>(xr, yr, V, g, cx, cy, a.kc,
+      // ---- pass A: online maxima and exp-sums (+ KL loss accumulator)
+      T mx = ninf, my = ninf, sx = T(0), sy = T(0), d = T(0);
+      bool bad = false;
+      sweep<2, true, scalar_t, T>(xr, yr, V, g, cx, cy, a.kc,
           [&](const T (&fx)[VEC], const T (&fy)[VEC], int64_t, int) {
+            T cmx = mx, cmy = my;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
-              const T u = (fx[k] - gmx) * it, v = (fy[k] - gmy) * it;
-              const T ea = Num<T>::ex(u), eb = Num<T>::ex(v);
-              family_sums<FAM, T>(ea, eb, ea * izx, eb * izy, u - lzx, v - lzy, w, logw,
-                                  log1mw, acc[0], acc[1], acc[2]);
+              bad |= Num<T>::nan_or_pinf(fx[k]) | Num<T>::nan_or_pinf(fy[k]);
+              cmx = fx[k] > cmx ? fx[k] : cmx;
+              cmy = fy[k] > cmy ? fy[k] : cmy;
+            }
+            if (cmx > mx) {
+              if (mx != ninf) {
+                const T rr = Num<T>::ex((mx - cmx) * it);
+                if constexpr (FAM == kKL) d = rr > T(0) ? rr * (d - sx * ((cmx - mx) * it)) : T(0);
+                sx *= rr;
+              }
+              mx = cmx;
+            }
+            if (cmy > my) {
+              const T ry_old = safe_ref(my);
+              if (my != ninf) sy *= Num<T>::ex((my - cmy) * it);
+              if constexpr (FAM == kKL) {
+                if (sx > T(0)) d += sx * ((cmy - ry_old) * it);
+              }
+              my = cmy;
+            }
+            const T rx = safe_ref(mx), ry = safe_ref(my);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              const T u = (fx[k] - rx) * it, v = (fy[k] - ry) * it;
+              const T e = Num<T>::ex(u);
+              sx += e;
+              sy += Num<T>::ex(v);
+              if constexpr (FAM == kKL) d += e > T(0) ? e * (u - v) : T(0);
             }
           });
-      block_allreduce<3>(acc, red, SumOp());
-      S0 = acc[0];
-      S1 = acc[1];
-      S2 = acc[2];
-      L = family_loss<FAM, T>(S0, S1, w);
+      T mv[3] = {mx, my, bad ? T(1) : T(0)};
+      block_allreduce<3>(mv, red, MaxOp());
+      gmx = mv[0];
+      gmy = mv[1];
+      if (mv[2] > T(0)) {  // NaN / +inf somewhere in the row pair
+        const T nan = Num<T>::qnan();
+        if (gxr) fill_row(gxr, V, static_cast<scalar_t>(nan));
+        if (gyr) fill_row(gyr, V, static_cast<scalar_t>(nan));
+        if (a.loss && threadIdx.x == 0) a.loss[r] = nan;
+        store_stats(a.stats, r, nan, nan, T(0), T(0), nan, T(0), T(0), T(0));
+        continue;
+      }
+      if (gmx == ninf || gmy == ninf) {  // a side with every logit -inf
+        if (gxr) fill_row(gxr, V, scalar_t(0));
+        if (gyr) fill_row(gyr, V, scalar_t(0));
+        if (a.loss && threadIdx.x == 0) a.loss[r] = T(0);
+        store_stats(a.stats, r, gmx, gmy, T(0), T(0), T(0), T(0), T(0), T(0));
+        continue;
+      }
+      T sv[3];
+      const T rxs = mx != ninf ? Num<T>::ex((mx - gmx) * it) : T(0);
+      sv[0] = sx * rxs;
+      sv[1] = my != ninf ? sy * Num<T>::ex((my - gmy) * it) : T(0);
+      sv[2] = T(0);
+      if constexpr (FAM == kKL) {
+        if (sx > T(0) && rxs > T(0))
+          sv[2] = rxs * (d + sx * (((gmy - safe_ref(my)) - (gmx - mx)) * it));
+      }
+      block_allreduce<3>(sv, red, SumOp());
+      const T Zx = sv[0], Zy = sv[1];
+      lzx = Num<T>::lg(Zx);
+      lzy = Num<T>::lg(Zy);
+      izx = T(1) / Zx;
+      izy = T(1) / Zy;
+
+      if constexpr (FAM == kKL) {
+        L = sv[2] * izx + lzy - lzx;
+      } else {
+        // ---- pass B: loss and cross-column sums
+        T acc[3] = {T(0), T(0), T(0)};
+        sweep<2, false, scalar_t, T>(xr, yr, V, g, cx, cy, a.kc,
+            [&](const T (&fx)[VEC], const T (&fy)[VEC], int64_t, int) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) {
+                const T u = (fx[k] - gmx) * it, v = (fy[k] - gmy) * it;
+                const T ea = Num<T>::ex(u), eb = Num<T>::ex(v);
+                family_sums<FAM, T>(ea, eb, ea * izx, eb * izy, u - lzx, v - lzy, w, logw,
+                                    log1mw, acc[0], acc[1], acc[2]);
+              }
+            });
+        block_allreduce<3>(acc, red, SumOp());
+        S0 = acc[0];
+        S1 = acc[1];
+        S2 = acc[2];
+        L = family_loss<FAM, T>(S0, S1, w);
+      }
+      if (a.loss && threadIdx.x == 0) a.loss[r] = L;
+      store_stats(a.stats, r, gmx, gmy, lzx, lzy, L, S0, S1, S2);
     }
-    if (a.loss && threadIdx.x == 0) a.loss[r] = L;
 
     // ---- pass C: gradients
     if (gxr || gyr) {
@@ -596,6 +663,8 @@ struct TopkArgs {
   scalar_t* gs;         // [N, V] or nullptr
   T* gt;                // [N, K] compute dtype, or nullptr
   T* loss;              // [N] or nullptr (backward)
+  T* stats;             // [N, kStats] statistics out (forward) or nullptr
+  const T* stats_in;    // [N, kStats] statistics of the forward (backward, FROM_STATS)
   const bool* valid;    // [N] or nullptr
   const T* grad_rows;   // [N] or nullptr
   int64_t N, V, K;
@@ -628,7 +697,13 @@ struct TopkArgs {
 // gives the teacher gradient [K]. The barrier orders the two writes of a support column
 // (different threads): __syncthreads makes the block's global writes before it visible to
 // the block's reads and writes after it.
-template <typename scalar_t, int FAM, bool TP>
+//
+// Statistics (forward) are those of the dense virtual row in P/Q order: (max, log Z) of the
+// teacher over its K entries and of the student over V, the loss, and S0..S2 as above with the
+// off-support terms included (0, 0, 0 for KL). FROM_STATS (backward) reads them instead of
+// pass A and the support sums: pass C over V and the K support columns only, one read of the
+// student row (no shared-memory cache) and of the K teacher entries.
+template <typename scalar_t, int FAM, bool TP, bool FROM_STATS>
 __global__ void __launch_bounds__(kMaxThreads)
     kd_topk_kernel(const TopkArgs<scalar_t, at::opmath_type<scalar_t>> a) {
   using T = at::opmath_type<scalar_t>;
@@ -641,6 +716,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T it = a.it;
   const int64_t V = a.V, K = a.K;
   const int tid = threadIdx.x, nt = blockDim.x;
+  const T w = a.w, logw = a.logw, log1mw = a.log1mw;
 
   for (int64_t r = blockIdx.x; r < a.N; r += gridDim.x) {
     const scalar_t* sr = a.s + r * V;
@@ -655,61 +731,97 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (gtr)
         for (int64_t k = tid; k < K; k += nt) gtr[k] = T(0);
       if (a.loss && tid == 0) a.loss[r] = T(0);
+      store_stats(a.stats, r, T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0));
       continue;
     }
     const Geo g = row_geo(sr, V);
 
-    // ---- pass A: student online max / exp-sum over V
-    T ms = ninf, ss = T(0);
-    bool bad = false;
-    sweep<1, true, scalar_t, T>(sr, sr, V, g, cs, cs, a.kc,
-        [&](const T (&fx)[VEC], int64_t, int) {
-          T cm = ms;
+    T gms, gmt, lzs, lzt, izs, izt, L, S0 = T(0), S1 = T(0), S2 = T(0);
+    if constexpr (FROM_STATS) {
+      // ---- the forward's statistics (P/Q order) instead of pass A and the support sums
+      const T* st = a.stats_in + r * kStats;
+      const T mp = st[0], mq = st[1];
+      if (Num<T>::nan_or_pinf(mp) || Num<T>::nan_or_pinf(mq)) {
+        if (gsr) fill_row(gsr, V, static_cast<scalar_t>(Num<T>::qnan()));
+        if (gtr)
+          for (int64_t k = tid; k < K; k += nt) gtr[k] = Num<T>::qnan();
+        continue;
+      }
+      if (mp == ninf || mq == ninf || (FAM == kSKEW && log1mw == ninf)) {
+        if (gsr) fill_row(gsr, V, scalar_t(0));
+        if (gtr)
+          for (int64_t k = tid; k < K; k += nt) gtr[k] = T(0);
+        continue;
+      }
+      gmt = TP ? mp : mq;
+      gms = TP ? mq : mp;
+      lzt = TP ? st[2] : st[3];
+      lzs = TP ? st[3] : st[2];
+      L = st[4];
+      S0 = st[5];
+      S1 = st[6];
+      S2 = st[7];
+      izs = Num<T>::inv_exp(lzs);
+      izt = Num<T>::inv_exp(lzt);
+    } else {
+      // ---- pass A: student online max / exp-sum over V
+      T ms = ninf, ss = T(0);
+      bool bad = false;
+      sweep<1, true, scalar_t, T>(sr, sr, V, g, cs, cs, a.kc,
+          [&](const T (&fx)[VEC], int64_t, int) {
+            T cm = ms;
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            bad |= Num<T>::nan_or_pinf(fx[k]);
-            cm = fx[k] > cm ? fx[k] : cm;
-          }
-          if (cm > ms) {
-            if (ms != ninf) ss *= Num<T>::ex((ms - cm) * it);
-            ms = cm;
-          }
-          const T rs = safe_ref(ms);
+            for (int k = 0; k < VEC; ++k) {
+              bad |= Num<T>::nan_or_pinf(fx[k]);
+              cm = fx[k] > cm ? fx[k] : cm;
+            }
+            if (cm > ms) {
+              if (ms != ninf) ss *= Num<T>::ex((ms - cm) * it);
+              ms = cm;
+            }
+            const T rs = safe_ref(ms);
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) ss += Num<T>::ex((fx[k] - rs) * it);
-        });
-    // teacher maximum over the K entries
-    T mt = ninf;
-    for (int64_t k = tid; k < K; k += nt) {
-      const T tv = tr[k];
-      bad |= Num<T>::nan_or_pinf(tv);
-      mt = tv > mt ? tv : mt;
+            for (int k = 0; k < VEC; ++k) ss += Num<T>::ex((fx[k] - rs) * it);
+          });
+      // teacher maximum over the K entries
+      T mt = ninf;
+      for (int64_t k = tid; k < K; k += nt) {
+        const T tv = tr[k];
+        bad |= Num<T>::nan_or_pinf(tv);
+        mt = tv > mt ? tv : mt;
+      }
+      T mv[3] = {ms, mt, bad ? T(1) : T(0)};
+      block_allreduce<3>(mv, red, MaxOp());
+      gms = mv[0];
+      gmt = mv[1];
+      if (mv[2] > T(0)) {
+        const T nan = Num<T>::qnan();
+        if (gsr) fill_row(gsr, V, static_cast<scalar_t>(nan));
+        if (gtr)
+          for (int64_t k = tid; k < K; k += nt) gtr[k] = nan;
+        if (a.loss && tid == 0) a.loss[r] = nan;
+        store_stats(a.stats, r, nan, nan, T(0), T(0), nan, T(0), T(0), T(0));
+        continue;
+      }
+      if (gms == ninf || gmt == ninf) {
+        if (gsr) fill_row(gsr, V, scalar_t(0));
+        if (gtr)
+          for (int64_t k = tid; k < K; k += nt) gtr[k] = T(0);
+        if (a.loss && tid == 0) a.loss[r] = T(0);
+        store_stats(a.stats, r, TP ? gmt : gms, TP ? gms : gmt, T(0), T(0), T(0), T(0), T(0),
+                    T(0));
+        continue;
+      }
+      T sv[2];
+      sv[0] = ms != ninf ? ss * Num<T>::ex((ms - gms) * it) : T(0);
+      sv[1] = T(0);
+      for (int64_t k = tid; k < K; k += nt) sv[1] += Num<T>::ex((tr[k] - gmt) * it);
+      block_allreduce<2>(sv, red, SumOp());
+      lzs = Num<T>::lg(sv[0]);
+      lzt = Num<T>::lg(sv[1]);
+      izs = T(1) / sv[0];
+      izt = T(1) / sv[1];
     }
-    T mv[3] = {ms, mt, bad ? T(1) : T(0)};
-    block_allreduce<3>(mv, red, MaxOp());
-    const T gms = mv[0], gmt = mv[1];
-    if (mv[2] > T(0)) {
-      if (gsr) fill_row(gsr, V, static_cast<scalar_t>(Num<T>::qnan()));
-      if (gtr)
-        for (int64_t k = tid; k < K; k += nt) gtr[k] = Num<T>::qnan();
-      if (a.loss && tid == 0) a.loss[r] = Num<T>::qnan();
-      continue;
-    }
-    if (gms == ninf || gmt == ninf) {
-      if (gsr) fill_row(gsr, V, scalar_t(0));
-      if (gtr)
-        for (int64_t k = tid; k < K; k += nt) gtr[k] = T(0);
-      if (a.loss && tid == 0) a.loss[r] = T(0);
-      continue;
-    }
-    T sv[2];
-    sv[0] = ms != ninf ? ss * Num<T>::ex((ms - gms) * it) : T(0);
-    sv[1] = T(0);
-    for (int64_t k = tid; k < K; k += nt) sv[1] += Num<T>::ex((tr[k] - gmt) * it);
-    block_allreduce<2>(sv, red, SumOp());
-    const T lzs = Num<T>::lg(sv[0]), lzt = Num<T>::lg(sv[1]);
-    const T izs = T(1) / sv[0], izt = T(1) / sv[1];
-    const T w = a.w, logw = a.logw, log1mw = a.log1mw;
 
     // one support entry: (ea, eb, p, q, lp, lq) with the P/Q mapping
     auto support = [&](int64_t k, int64_t& j, T& ea, T& eb, T& p, T& q, T& lp, T& lq) {
@@ -725,31 +837,41 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     };
 
-    // ---- support sums (+ student support mass)
-    T acc[4] = {T(0), T(0), T(0), T(0)};
-    for (int64_t k = tid; k < K; k += nt) {
-      int64_t j;
-      T ea, eb, p, q, lp, lq;
-      support(k, j, ea, eb, p, q, lp, lq);
-      if constexpr (FAM == kKL) {
-        acc[0] += ea > T(0) ? p * (lp - lq) : T(0);
-      } else {
-        family_sums<FAM, T>(ea, eb, p, q, lp, lq, w, logw, log1mw, acc[0], acc[1], acc[2]);
+    if constexpr (!FROM_STATS) {
+      // ---- support sums (+ student support mass)
+      T acc[4] = {T(0), T(0), T(0), T(0)};
+      for (int64_t k = tid; k < K; k += nt) {
+        int64_t j;
+        T ea, eb, p, q, lp, lq;
+        support(k, j, ea, eb, p, q, lp, lq);
+        if constexpr (FAM == kKL) {
+          acc[0] += ea > T(0) ? p * (lp - lq) : T(0);
+        } else {
+          family_sums<FAM, T>(ea, eb, p, q, lp, lq, w, logw, log1mw, acc[0], acc[1], acc[2]);
+        }
+        acc[3] += TP ? q : p;
       }
-      acc[3] += TP ? q : p;
+      block_allreduce<4>(acc, red, SumOp());
+      T off = T(1) - acc[3];  // student mass off the support
+      off = off > T(0) ? off : T(0);
+      S0 = acc[0];
+      S1 = acc[1];
+      S2 = acc[2];
+      if constexpr (FAM == kSKEW && !TP) S0 += -logw * off;
+      if constexpr (FAM == kJSD) S1 += -log1mw * off;
+      if constexpr (FAM == kTVD) {
+        S0 += off;
+        S1 += off;
+      }
+      L = FAM == kKL ? S0 : family_loss<FAM, T>(S0, S1, w);
+      if (a.loss && tid == 0) a.loss[r] = L;
+      if constexpr (FAM == kKL) {
+        store_stats(a.stats, r, gmt, gms, lzt, lzs, L, T(0), T(0), T(0));
+      } else {
+        store_stats(a.stats, r, TP ? gmt : gms, TP ? gms : gmt, TP ? lzt : lzs,
+                    TP ? lzs : lzt, L, S0, S1, S2);
+      }
     }
-    block_allreduce<4>(acc, red, SumOp());
-    T off = T(1) - acc[3];  // student mass off the support
-    off = off > T(0) ? off : T(0);
-    T S0 = acc[0], S1 = acc[1], S2 = acc[2];
-    if constexpr (FAM == kSKEW && !TP) S0 += -logw * off;
-    if constexpr (FAM == kJSD) S1 += -log1mw * off;
-    if constexpr (FAM == kTVD) {
-      S0 += off;
-      S1 += off;
-    }
-    const T L = FAM == kKL ? S0 : family_loss<FAM, T>(S0, S1, w);
-    if (a.loss && tid == 0) a.loss[r] = L;
     if (!gsr && !gtr) continue;
 
     const T gsc = scale * it;
@@ -861,12 +983,39 @@ void mixing_scalars(const DivergencePlan& plan, double temperature, T& it, T& w,
                                        : -std::numeric_limits<double>::infinity());
 }
 
-// Shared body of kd_loss_forward (grad_rows undefined) and kd_loss_backward (grad_rows [rows]:
-// gradients scaled per row, an empty loss).
-std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cuda(
+// The optional statistics given to a backward: kStats values per row of the compute dtype on
+// the logits' device (the CPU kernel's checks and messages). rows: the number of rows of the
+// logits (their leading numel, also when V = 0).
+Tensor checked_stats(const std::optional<Tensor>& stats, const Tensor& ref, int64_t rows,
+                     at::ScalarType op_dtype) {
+  if (!stats.has_value()) return Tensor();
+  const Tensor& st = *stats;
+  TORCH_CHECK(st.numel() == rows * kStats, "pydistill_ext: stats must hold ", kStats,
+              " values per row (", rows * kStats, "), got ", st.numel());
+  TORCH_CHECK(st.scalar_type() == op_dtype, "pydistill_ext: stats must be ", op_dtype,
+              " (the compute dtype of the logits), got ", st.scalar_type());
+  check_same_device(ref, "student_logits", st, "stats");
+  return st.contiguous();
+}
+
+// [lead..., kStats] in the compute dtype: filled by the kernels (every row, masked ones with
+// zeros) when there is work, zeros otherwise (as the CPU kernel); [0] in the backward.
+Tensor stats_output(at::IntArrayRef lead, bool backward, bool empty_rows,
+                    const at::TensorOptions& opts) {
+  if (backward) return at::empty({0}, opts);
+  auto shape = lead.vec();
+  shape.push_back(kStats);
+  return empty_rows ? at::zeros(shape, opts) : at::empty(shape, opts);
+}
+
+// Shared body of kd_loss_forward (grad_rows undefined: returns the row losses, the plain
+// gradients when asked, and the per-row statistics) and kd_loss_backward (grad_rows [rows]:
+// gradients scaled per row; an empty loss and statistics). stats_in (backward only): the
+// forward's statistics, which reduce the kernel to its gradient pass.
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_dense_cuda(
     const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
     std::string_view divergence, double beta, double temperature, bool grad_student,
-    bool grad_teacher, const Tensor& grad_rows) {
+    bool grad_teacher, const Tensor& grad_rows, const std::optional<Tensor>& stats_in) {
   check_floating(student, "student_logits");
   check_floating(teacher, "teacher_logits");
   TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
@@ -886,21 +1035,25 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cuda(
                 "pydistill_ext: grad_rows must have one entry per row");
     check_same_device(student, "student_logits", grad_rows, "grad_rows");
   }
-
-  c10::cuda::CUDAGuard guard(student.device());
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
+  const Tensor st_in = checked_stats(stats_in, student, c10::multiply_integers(lead), op_dtype);
+  const bool from_stats = st_in.defined();
+
+  c10::cuda::CUDAGuard guard(student.device());
+  const auto op_opts = student.options().dtype(op_dtype);
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());
   Tensor gt = grad_teacher ? at::empty_like(teacher, at::MemoryFormat::Contiguous)
                            : at::empty({0}, teacher.options());
-  if (N == 0 || V == 0) {
+  const bool no_work = N == 0 || V == 0 || (backward && !grad_student && !grad_teacher);
+  Tensor stats = stats_output(lead, backward, no_work, op_opts);
+  if (no_work) {
     if (grad_student) gs.zero_();
     if (grad_teacher) gt.zero_();
-    return {at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype)),
-            gs, gt};
+    return {at::zeros(backward ? at::IntArrayRef{0} : lead, op_opts), gs, gt, stats};
   }
-  Tensor loss = at::empty(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
+  Tensor loss = at::empty(backward ? at::IntArrayRef{0} : lead, op_opts);
   const Tensor s = make_aligned(student.contiguous());
   const Tensor t = make_aligned(teacher.contiguous());
   const Tensor vmask = valid.has_value() ? valid->contiguous() : Tensor();
@@ -908,7 +1061,9 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cuda(
 
   const int64_t elem = static_cast<int64_t>(student.element_size());
   const int64_t vectors = (V * elem + kVecBytes - 1) / kVecBytes;
-  const bool rereads = grad_student || grad_teacher || plan.family != Family::KL;
+  // with the statistics, the gradient pass is the only read of the rows
+  const bool rereads =
+      !from_stats && (grad_student || grad_teacher || plan.family != Family::KL);
   const int threads = pick_threads(vectors, rereads);
   const int kc = pick_cache(vectors, threads, 2, rereads);
   const size_t smem = static_cast<size_t>(kc) * 2 * kVecBytes * threads;
@@ -925,36 +1080,46 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_dense_cuda(
     args.gx = plan.teacher_is_p ? gtp : gsp;
     args.gy = plan.teacher_is_p ? gsp : gtp;
     args.loss = backward ? nullptr : loss.mutable_data_ptr<T>();
+    args.stats = backward ? nullptr : stats.mutable_data_ptr<T>();
+    args.stats_in = from_stats ? st_in.const_data_ptr<T>() : nullptr;
     args.valid = vmask.defined() ? vmask.const_data_ptr<bool>() : nullptr;
     args.grad_rows = backward ? gr.const_data_ptr<T>() : nullptr;
     args.N = N;
     args.V = V;
     mixing_scalars<T>(plan, temperature, args.it, args.w, args.logw, args.log1mw);
     args.kc = kc;
+    auto go = [&](auto fam) {
+      constexpr int F = decltype(fam)::value;
+      if (from_stats)
+        launch(kd_dense_kernel<scalar_t, F, true>, args, N, threads, smem);
+      else
+        launch(kd_dense_kernel<scalar_t, F, false>, args, N, threads, smem);
+    };
     switch (plan.family) {
-      case Family::KL: launch(kd_dense_kernel<scalar_t, kKL>, args, N, threads, smem); break;
-      case Family::SKEW: launch(kd_dense_kernel<scalar_t, kSKEW>, args, N, threads, smem); break;
-      case Family::JSD: launch(kd_dense_kernel<scalar_t, kJSD>, args, N, threads, smem); break;
-      case Family::TVD: launch(kd_dense_kernel<scalar_t, kTVD>, args, N, threads, smem); break;
+      case Family::KL: go(std::integral_constant<int, kKL>{}); break;
+      case Family::SKEW: go(std::integral_constant<int, kSKEW>{}); break;
+      case Family::JSD: go(std::integral_constant<int, kJSD>{}); break;
+      case Family::TVD: go(std::integral_constant<int, kTVD>{}); break;
     }
   });
-  return {loss, gs, gt};
+  return {loss, gs, gt, stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_forward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_forward_cuda(
     const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
     std::string_view divergence, double beta, double temperature, bool grad_student,
     bool grad_teacher) {
   return kd_loss_dense_cuda(student, teacher, valid, divergence, beta, temperature,
-                            grad_student, grad_teacher, Tensor());
+                            grad_student, grad_teacher, Tensor(), std::nullopt);
 }
 
 std::tuple<Tensor, Tensor> kd_loss_backward_cuda(
     const Tensor& grad_rows, const Tensor& student, const Tensor& teacher,
-    const std::optional<Tensor>& valid, std::string_view divergence, double beta,
-    double temperature, bool grad_student, bool grad_teacher) {
+    const std::optional<Tensor>& valid, const std::optional<Tensor>& stats,
+    std::string_view divergence, double beta, double temperature, bool grad_student,
+    bool grad_teacher) {
   auto out = kd_loss_dense_cuda(student, teacher, valid, divergence, beta, temperature,
-                                grad_student, grad_teacher, grad_rows);
+                                grad_student, grad_teacher, grad_rows, stats);
   return {std::get<1>(out), std::get<2>(out)};
 }
 

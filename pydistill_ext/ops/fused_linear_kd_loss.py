@@ -86,7 +86,7 @@ def _run(h, w, b, t_logits, t_h, t_w, t_b, valid, divergence, beta, temperature,
         if zt.dtype != zs.dtype:
             zt = zt.to(zs.dtype)
         vc = valid[start:end] if valid is not None else None
-        r, gs, gt = ops.kd_loss_forward(zs, zt, vc, divergence, beta, temperature, need_s, need_t)
+        r, gs, gt, _ = ops.kd_loss_forward(zs, zt, vc, divergence, beta, temperature, need_s, need_t)
         rows[start:end] = r
         if row_weights is not None:
             wts = row_weights[start:end].unsqueeze(-1)

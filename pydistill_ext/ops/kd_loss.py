@@ -26,6 +26,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+STATS_PER_ROW = 8  # (mx, my, logZp, logZq, L, s0, s1, s2): csrc/registration.cpp
+
+
+def _stats_like(rows: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(tuple(rows.shape) + (STATS_PER_ROW,))
+
+
 # ---------------------------------------------------------------- fake (meta) kernels
 
 @torch.library.register_fake("pydistill_ext::kd_loss_forward")
@@ -36,7 +43,7 @@ def _kd_loss_forward_fake(student, teacher, valid, divergence, beta, temperature
         else student.new_empty((0,))
     gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
         else teacher.new_empty((0,))
-    return rows, gs, gt
+    return rows, gs, gt, _stats_like(rows)
 
 
 @torch.library.register_fake("pydistill_ext::kd_loss_topk_forward")
@@ -47,12 +54,12 @@ def _kd_loss_topk_forward_fake(student, indices, teacher_topk, valid, divergence
         else student.new_empty((0,))
     gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
         else teacher_topk.new_empty((0,))
-    return rows, gs, gt
+    return rows, gs, gt, _stats_like(rows)
 
 
 @torch.library.register_fake("pydistill_ext::kd_loss_backward")
-def _kd_loss_backward_fake(grad_rows, student, teacher, valid, divergence, beta, temperature,
-                           grad_student, grad_teacher):
+def _kd_loss_backward_fake(grad_rows, student, teacher, valid, stats, divergence, beta,
+                           temperature, grad_student, grad_teacher):
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
         else student.new_empty((0,))
     gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
@@ -61,8 +68,8 @@ def _kd_loss_backward_fake(grad_rows, student, teacher, valid, divergence, beta,
 
 
 @torch.library.register_fake("pydistill_ext::kd_loss_topk_backward")
-def _kd_loss_topk_backward_fake(grad_rows, student, indices, teacher_topk, valid, divergence,
-                                beta, temperature, grad_student, grad_teacher):
+def _kd_loss_topk_backward_fake(grad_rows, student, indices, teacher_topk, valid, stats,
+                                divergence, beta, temperature, grad_student, grad_teacher):
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
         else student.new_empty((0,))
     gt = teacher_topk.new_empty(teacher_topk.shape) if grad_teacher \
@@ -72,14 +79,15 @@ def _kd_loss_topk_backward_fake(grad_rows, student, indices, teacher_topk, valid
 
 # ---------------------------------------------------------------- autograd
 #
-# The forward keeps nothing but its inputs; the backward op recomputes each row (max, exp
-# sums, family sums) and writes grad_rows[r] * d row_loss[r] / d logits straight into the one
-# gradient buffer per differentiated input. Memory of fwd+bwd: the gradients themselves.
+# The forward keeps its inputs and 8 floats per row (row maxima, log normalisers, loss and the
+# family's row sums); the backward op reads the rows once more and writes
+# grad_rows[r] * d row_loss[r] / d logits straight into the one gradient buffer per
+# differentiated input. Memory of fwd+bwd: the gradients themselves (+ 32 B per row).
 # Repeated backward (retain_graph, gradcheck) is exact because nothing is consumed.
 
 def _backward_fallback(forward_op, grad_rows, tensors, args, need_s, need_t):
     """For a backend without a dedicated backward kernel: plain gradients, then scaled."""
-    _, gs, gt = forward_op(*tensors, *args, need_s, need_t)
+    _, gs, gt, _ = forward_op(*tensors, *args, need_s, need_t)
     scale = grad_rows.unsqueeze(-1)
     return (gs * scale.to(gs.dtype) if need_s else gs,
             gt * scale.to(gt.dtype) if need_t else gt)
@@ -96,20 +104,24 @@ def make_autograd(topk: bool, forward_op, backward_op=None):
     teacher_pos = 2 if topk else 1
 
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs[:n_tensors])
+        # None inputs (no valid mask) are not saved: traced graphs drop them from the list
+        keep = list(inputs[:n_tensors]) + [output[3]]
+        ctx.present = [t is not None for t in keep]
+        ctx.save_for_backward(*[t for t in keep if t is not None])
         ctx.args = tuple(inputs[n_tensors:n_tensors + 3])  # divergence, beta, temperature
 
-    def backward(ctx, grad_rows, _g_s=None, _g_t=None):
+    def backward(ctx, grad_rows, _g_s=None, _g_t=None, _g_stats=None):
         n_inputs = n_tensors + 5
         if grad_rows is None:
             return (None,) * n_inputs
-        tensors = ctx.saved_tensors
+        it = iter(ctx.saved_tensors)
+        *tensors, stats = [next(it) if present else None for present in ctx.present]
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[teacher_pos]
         grad_rows = grad_rows.contiguous()
         if backward_op is not None and (tensors[0].device.type != "cuda" or backward_on_cuda):
-            gs, gt = backward_op(grad_rows, *tensors, *ctx.args, need_s, need_t)
+            gs, gt = backward_op(grad_rows, *tensors, stats, *ctx.args, need_s, need_t)
         else:
             gs, gt = _backward_fallback(forward_op, grad_rows, tensors, ctx.args, need_s, need_t)
         grads = [None] * n_inputs
@@ -249,8 +261,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     _check_common(student_logits, divergence, beta, temperature, reduction, labels)
     valid = None if labels is None else labels.ne(ignore_index)
     op = _forward_op(student_logits.device, False, _backend)
-    rows, _, _ = op(student_logits, teacher_logits, valid, divergence, float(beta),
-                    float(temperature), False, False)
+    rows = op(student_logits, teacher_logits, valid, divergence, float(beta),
+              float(temperature), False, False)[0]
     return _reduce(rows, valid, reduction, student_logits.shape[-1], num_items_in_batch,
                    student_logits.dtype)
 
@@ -297,6 +309,6 @@ def kd_loss_topk(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
             raise ValueError(f"teacher_indices must lie in [0, {V}), got values in [{lo}, {hi}]")
     valid = None if labels is None else labels.ne(ignore_index)
     op = _forward_op(student_logits.device, True, _backend)
-    rows, _, _ = op(student_logits, teacher_indices, teacher_logits_topk, valid, divergence,
-                    float(beta), float(temperature), False, False)
+    rows = op(student_logits, teacher_indices, teacher_logits_topk, valid, divergence,
+              float(beta), float(temperature), False, False)[0]
     return _reduce(rows, valid, reduction, V, num_items_in_batch, student_logits.dtype)

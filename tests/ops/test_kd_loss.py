@@ -266,8 +266,8 @@ def test_teacher_gradient_only_when_needed():
             setup(ctx, tuple(inputs) + extra, output)
 
         @staticmethod
-        def backward(ctx, g, g1, g2):
-            return bw(ctx, g, g1, g2)[:2]
+        def backward(ctx, g, g1, g2, g3):
+            return bw(ctx, g, g1, g2, g3)[:2]
 
     s, t = _inputs((3, 9), torch.float32)
     Fn.apply(s.clone().requires_grad_(), t)[0].sum().backward()
@@ -284,8 +284,11 @@ def test_opcheck(divergence):
                 0.3, 2.0, gs, gt)
         torch.library.opcheck(torch.ops.pydistill_ext.kd_loss_forward.default, args)
         grad_rows = torch.randn(4)
-        torch.library.opcheck(torch.ops.pydistill_ext.kd_loss_backward.default,
-                              (grad_rows, s, t, valid, divergence, 0.3, 2.0, gs, gt))
+        stats = torch.ops.pydistill_ext.kd_loss_forward(s, t, valid, divergence, 0.3, 2.0,
+                                                        False, False)[3]
+        for st in (stats, None):
+            torch.library.opcheck(torch.ops.pydistill_ext.kd_loss_backward.default,
+                                  (grad_rows, s, t, valid, st, divergence, 0.3, 2.0, gs, gt))
 
 
 def test_torch_compile_fullgraph():
@@ -426,3 +429,49 @@ def test_skew_beta_one_is_zero_even_with_minus_inf(divergence):
     loss.backward()
     assert loss.item() == 0
     assert torch.count_nonzero(s.grad) == 0 and torch.count_nonzero(t.grad) == 0
+
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_backward_from_stats_equals_recompute(divergence, dtype):
+    """The single-pass backward (forward statistics) and the recomputing backward agree, and
+    the statistics are what registration.cpp documents."""
+    s, t = _inputs((9, 203), dtype, seed=12)
+    s[2, :50] = -math.inf
+    t[2, :50] = -math.inf
+    s[4] = -math.inf  # dead row
+    s[5, 7] = math.nan
+    valid = torch.tensor([True] * 8 + [False])
+    op = torch.ops.pydistill_ext
+    rows, _, _, stats = op.kd_loss_forward(s, t, valid, divergence, 0.3, 1.7, False, False)
+    assert stats.shape == (9, 8) and stats.dtype == rows.dtype
+    go = torch.randn(9, dtype=rows.dtype)
+    fast = op.kd_loss_backward(go, s, t, valid, stats, divergence, 0.3, 1.7, True, True)
+    slow = op.kd_loss_backward(go, s, t, valid, None, divergence, 0.3, 1.7, True, True)
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else \
+        dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    for f, w in zip(fast, slow):
+        torch.testing.assert_close(f, w, equal_nan=True, **tol)
+    assert torch.isnan(fast[0][5]).all() and torch.count_nonzero(fast[0][4]) == 0
+    assert torch.count_nonzero(fast[0][8]) == 0
+    # documented content: maxima in logit units, log-normalisers, loss
+    plan_teacher_is_p = divergence not in ("reverse_kl", "skew_reverse_kl")
+    x, y = (t, s) if plan_teacher_is_p else (s, t)
+    r = 0
+    torch.testing.assert_close(stats[r, 0], x[r].max().to(stats.dtype))
+    torch.testing.assert_close(stats[r, 1], y[r].max().to(stats.dtype))
+    lz = torch.logsumexp((x[r].double() - x[r].double().max()) / 1.7, 0)
+    torch.testing.assert_close(stats[r, 2].double(), lz, **(tol if dtype != torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)))
+    if divergence != "jsd":  # jsd at beta 0.3 is interior: L = w Kp + (1-w) Kq
+        torch.testing.assert_close(stats[r, 4], rows[r])
+
+
+def test_backward_stats_argument_checks():
+    s, t = _inputs((4, 10), torch.float32)
+    op = torch.ops.pydistill_ext.kd_loss_backward
+    g = torch.ones(4)
+    with pytest.raises(RuntimeError, match="stats must hold 8 values per row"):
+        op(g, s, t, None, torch.zeros(4, 7), "forward_kl", 0.5, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        op(g, s, t, None, torch.zeros(4, 8, dtype=torch.float64), "forward_kl", 0.5, 1.0, True, False)

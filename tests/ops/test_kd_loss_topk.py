@@ -82,8 +82,11 @@ def test_topk_opcheck_and_compile():
         torch.library.opcheck(torch.ops.pydistill_ext.kd_loss_topk_forward.default,
                               (s.clone().requires_grad_(gs), idx, vals.clone().requires_grad_(gt),
                                valid, "jsd", 0.5, 1.0, gs, gt))
-        torch.library.opcheck(torch.ops.pydistill_ext.kd_loss_topk_backward.default,
-                              (torch.randn(4), s, idx, vals, valid, "jsd", 0.5, 1.0, gs, gt))
+        stats = torch.ops.pydistill_ext.kd_loss_topk_forward(s, idx, vals, valid, "jsd", 0.5, 1.0,
+                                                             False, False)[3]
+        for st in (stats, None):
+            torch.library.opcheck(torch.ops.pydistill_ext.kd_loss_topk_backward.default,
+                                  (torch.randn(4), s, idx, vals, valid, st, "jsd", 0.5, 1.0, gs, gt))
 
     def f(a, i, b):
         return pde.kd_loss_topk(a, i, b, divergence="skew_forward_kl", beta=0.1, temperature=2.0)
@@ -121,3 +124,16 @@ def test_topk_bad_inputs():
     dup[2, 1] = dup[2, 0]
     with pytest.raises(RuntimeError, match="repeats vocabulary index"):
         pde.kd_loss_topk(s, dup, vals)
+
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_topk_backward_from_stats_equals_recompute(divergence):
+    s, idx, vals = _case(n=5, v=64, k=6)
+    op = torch.ops.pydistill_ext
+    stats = op.kd_loss_topk_forward(s, idx, vals, None, divergence, 0.3, 1.5, False, False)[3]
+    go = torch.randn(5, dtype=torch.float64)
+    fast = op.kd_loss_topk_backward(go, s, idx, vals, None, stats, divergence, 0.3, 1.5, True, True)
+    slow = op.kd_loss_topk_backward(go, s, idx, vals, None, None, divergence, 0.3, 1.5, True, True)
+    for f, w in zip(fast, slow):
+        torch.testing.assert_close(f, w, rtol=1e-12, atol=1e-15)

@@ -36,6 +36,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -118,13 +119,22 @@ struct BlockSum {
   }
 };
 
+// Per-row statistics handed from the forward to the backward (see registration.cpp):
+// (mx, my, logZp, logZq, L, s0, s1, s2).
+constexpr int kStats = 8;
+
+template <typename T>
+inline void fill_row(T* g, int64_t V, T value) {
+  if (g) std::fill(g, g + V, value);
+}
+
 // Computes one row. x, y: P and Q logits (length V, compute dtype). gx, gy: gradient rows
 // (nullptr when not wanted), written as grad_scale * d loss / d logits (the 1/T of the
 // chain rule is included: pass grad_scale = 1 for the plain gradient). ep, eq, lm: scratch
-// rows of length V + padding, zero past V.
+// rows of length V + padding, zero past V. st: kStats entries (nullptr: not wanted).
 template <typename T>
 T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, T inv_temp,
-                 T grad_scale, T* gx, T* gy, T* ep, T* eq, T* lm) {
+                 T grad_scale, T* gx, T* gy, T* ep, T* eq, T* lm, T* st = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -139,6 +149,11 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmx);
   const T my = at::vec::vec_reduce_all<T>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmy);
+  if (st) {
+    std::fill(st, st + kStats, T(0));
+    st[0] = mx;
+    st[1] = my;
+  }
   if (std::isnan(mx) || std::isnan(my)) {
     const T nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t j = 0; j < V; ++j) {
@@ -174,9 +189,14 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
   const T logZp = std::log(Zp), logZq = std::log(Zq);
   const T invZp = T(1) / Zp, invZq = T(1) / Zq;
   const Vec vinvZp(invZp), vinvZq(invZq), vlogZp(logZp), vlogZq(logZq);
+  if (st) {
+    st[2] = logZp;
+    st[3] = logZq;
+  }
 
   if (is_kl) {
     const T L = sd.total() * invZp + logZq - logZp;
+    if (st) st[4] = L;
     if (gx || gy) {
       const Vec vL(L);
       for (int64_t j = 0; j < V; j += W) {
@@ -242,6 +262,12 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
     L = s0;
   else
     L = w * s0 + (T(1) - w) * s1;
+  if (st) {
+    st[4] = L;
+    st[5] = s0;
+    st[6] = s1;
+    st[7] = s2;
+  }
   if (!want_grad) return L;
 
   // pass 4: gradients
@@ -271,6 +297,69 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
     }
   }
   return L;
+}
+
+// Gradients of one row from the statistics of its forward, in one pass over the row:
+//   p = exp((x - mx)/T - logZp), q likewise, and the pass-4 formulas above with L, s0..s2
+// from st; each element pays one exp per distribution (plus logaddexp for SKEW/JSD).
+// Agrees with divergence_row's gradients up to rounding (p is formed as exp(xs)/Zp there).
+template <typename T>
+void divergence_row_backward(const T* x, const T* y, int64_t V, const DivergencePlan& plan,
+                             T inv_temp, T grad_scale, const T* st, T* gx, T* gy) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T mx = st[0], my = st[1];
+  if (std::isnan(mx) || std::isnan(my)) {
+    fill_row(gx, V, std::numeric_limits<T>::quiet_NaN());
+    fill_row(gy, V, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  const T w = static_cast<T>(plan.w);
+  if (mx == -std::numeric_limits<T>::infinity() || my == -std::numeric_limits<T>::infinity() ||
+      (plan.family == Family::SKEW && w == T(1))) {
+    fill_row(gx, V, T(0));
+    fill_row(gy, V, T(0));
+    return;
+  }
+  const T logZp = st[2], logZq = st[3], L = st[4], s0 = st[5], s1 = st[6], s2 = st[7];
+  const Vec vmxs(mx), vmys(my), vit(inv_temp), vgs(grad_scale * inv_temp), zero(T(0));
+  const Vec vinvZp(std::exp(-logZp)), vinvZq(std::exp(-logZq)), vlogZp(logZp), vlogZq(logZq);
+  const Vec vL(L), vS0(s0), vS1(s1), vS2(s2), half(T(0.5)), vw(w), v1mw(T(1) - w);
+  const Vec vlogw(std::log(w)), vlog1mw(std::log1p(-w)), one(T(1));
+  for (int64_t j = 0; j < V; j += W) {
+    const int64_t n = V - j;
+    const Vec xs = (load_row(x + j, n) - vmxs) * vit;
+    const Vec ys = (load_row(y + j, n) - vmys) * vit;
+    const Vec a = vexp(xs), b = vexp(ys);
+    const Vec p = a * vinvZp, q = b * vinvZq;
+    const Vec lp = xs - vlogZp, lq = ys - vlogZq;
+    switch (plan.family) {
+      case Family::KL:
+        if (gy) store_row((q - p) * vgs, gy + j, n);
+        if (gx) store_row(select(a > zero, p * (lp - lq - vL) * vgs, zero), gx + j, n);
+        break;
+      case Family::TVD: {
+        const Vec diff = q - p;
+        const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
+        if (gy) store_row(half * q * (sigma - vS1) * vgs, gy + j, n);
+        if (gx) store_row(Vec(T(-0.5)) * p * (sigma - vS2) * vgs, gx + j, n);
+        break;
+      }
+      case Family::SKEW: {
+        const Vec m = logaddexp(vlogw + lp, vlog1mw + lq);
+        const Vec rho = select(b > zero, vexp(vlog1mw + lq - m), zero);
+        if (gy) store_row((q * vS1 - p * rho) * vgs, gy + j, n);
+        if (gx) store_row(select(a > zero, p * (lp - m + rho - vL - vS1) * vgs, zero), gx + j, n);
+        break;
+      }
+      case Family::JSD: {
+        const Vec m = logaddexp(vlogw + lp, vlog1mw + lq);
+        if (gx) store_row(select(a > zero, vw * p * (lp - m - vS0) * vgs, zero), gx + j, n);
+        if (gy) store_row(select(b > zero, v1mw * q * (lq - m - vS1) * vgs, zero), gy + j, n);
+        break;
+      }
+    }
+  }
 }
 
 }  // namespace cpu
