@@ -13,17 +13,33 @@ logits; the teacher needs no gradient).
 Per variant: median time over warm runs (CUDA events, do_bench style: the number of repeats
 is fitted to a per-measurement time budget), peak memory beyond the inputs
 (max_memory_allocated - memory_allocated before the call), and effective bandwidth =
-nominal bytes / time, where nominal bytes = units * N * V * element size with the schedule's
-unit count (REFERENCE.md 2.3): fwd 2 units (read s, t); fwd+bwd 5 units for forward_kl
-(read s, t; write the gradient; the backward's scale pass reads and writes it) and 7 for jsd
-(3-pass). The fraction of the card's peak uses 3.35 TB/s (H100 SXM), 2.0 (H100 PCIe), 3.9
+nominal bytes / time, nominal bytes = units * N * V * element size.
+
+Bytes model (units of N * V elements; our schedule, REFERENCE.md 2.3). The forward returns
+per-row statistics (row maxima, log normalisers, loss, family sums: 32 B per row, negligible)
+and the backward given them makes one pass per row:
+  fwd      2 units: read s, t once. forward_kl is exactly that; jsd (like skew/tvd) has a
+           second pass over the row pair for its cross-column sums, served by the kernel's
+           shared-memory row cache where the pair fits (V <= ~56K bf16 / ~28K fp32) and by
+           L2 / DRAM otherwise, so its DRAM traffic lies between 2 and 4 units.
+  fwd+bwd  5 units: the forward's 2, then the backward reads s, t once and writes the student
+           gradient (2 + 1); jsd: between 5 and 7 for the same reason.
+TB/s and "of peak" use the lower (compulsory) counts for every variant, so they compare the
+variants' speed on one scale; the "TB/s 2-pass" column re-states jsd with the upper counts
+(4 / 7: pass 2 re-read from DRAM), an upper bound on the bandwidth our jsd kernels really
+draw. Before the statistics (backward = recompute: 2 reads for the max / normaliser pass,
+2 for the gradient pass, 1 write) forward_kl fwd+bwd moved 7 units; the "cuda-recompute" and
+"triton-recompute" variants time that path (backward op with stats=None) on the Llama-3
+cases. The fraction of the card's peak uses 3.35 TB/s (H100 SXM), 2.0 (H100 PCIe), 3.9
 (H100 NVL), 4.8 (H200); a device-to-device copy is also timed as the measured ceiling.
 
 Order (the run stops starting new measurements when --budget-s is spent): all variants but
-torch.compile on every case; then tuning variants of the CUDA kernels on the Llama-3 cases
-(cuda-t512: 512 threads per row for re-reading launches; cuda-nocache: no shared-memory row
-cache; cuda-1pass1024: 1024 threads for single-pass launches; see pick_threads in
-csrc/cuda/kd_loss_kernel.cu); then torch.compile on the Llama-3 cases.
+torch.compile on every case; then, on the Llama-3 fwd+bwd cases, the recompute backward
+(cuda-recompute, triton-recompute); then tuning variants of the CUDA kernels on the Llama-3
+cases (cuda-t512: 512 threads per row for re-reading launches; cuda-nocache: no
+shared-memory row cache; cuda-1pass1024: 1024 threads for single-pass launches, which the
+backward with statistics is; see pick_threads in csrc/cuda/kd_loss_kernel.cu); then
+torch.compile on the Llama-3 cases.
 
 Liger is called as a user would: log_softmax of both logits (in their dtype) inside the timed
 region, then LigerKLDIVLoss(reduction="batchmean", log_target=True)(log p_s, log p_t) or
@@ -50,9 +66,22 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from reference import kd_loss as ref  # noqa: E402
 
+# compulsory traffic of our schedule (module docstring): the forward reads s, t; the backward
+# with the forward's statistics reads s, t and writes the student gradient
 UNITS = {("forward_kl", "fwd"): 2, ("forward_kl", "fwd+bwd"): 5,
-         ("jsd", "fwd"): 2, ("jsd", "fwd+bwd"): 7}
+         ("jsd", "fwd"): 2, ("jsd", "fwd+bwd"): 5}
+# jsd when its second forward pass re-reads the row pair from DRAM (row pair beyond the
+# shared-memory cache and L2): the upper end of what our jsd kernels move
+UNITS_2PASS = {("jsd", "fwd"): 4, ("jsd", "fwd+bwd"): 7}
+# the backward without statistics (recompute): + 2 reads for the max / normaliser pass
+UNITS_RECOMPUTE_BWD = 2
 BETA = 0.5
+MODEL = ("nominal bytes = units x N x V x elem, units = compulsory traffic of our schedule: "
+         "fwd 2 (read s, t); fwd+bwd 5 (fwd 2 + backward from the forward's per-row "
+         "statistics: read s, t, write grad_s); jsd's second forward pass is served by the "
+         "shared-memory row cache where the row pair fits, so its traffic lies between these "
+         "and the 2-pass counts (fwd 4, fwd+bwd 7) of the 'TB/s 2-pass' column; the "
+         "recompute backward (stats=None, *-recompute variants) moves 2 units more")
 
 
 def peak_bandwidth(name: str):
@@ -110,9 +139,38 @@ CUDA_TUNING = {
 }
 
 
+def _recompute_variant(backend, divergence):
+    """batchmean kd_loss whose backward is the backward op with stats=None (the recompute path,
+    as before the forward returned its statistics): forward op, then backward op."""
+    if backend == "cuda":
+        fwd, bwd = torch.ops.pydistill_ext.kd_loss_forward, torch.ops.pydistill_ext.kd_loss_backward
+    else:
+        from pydistill_ext.triton import kd_loss as tkd
+        fwd, bwd = tkd.kd_loss_forward_triton, tkd.kd_loss_backward_triton
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s, t):
+            rows = fwd(s, t, None, divergence, BETA, 1.0, False, False)[0]
+            ctx.save_for_backward(s, t)
+            return (rows.sum() / rows.numel()).to(s.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            s, t = ctx.saved_tensors
+            n = s.numel() // s.shape[-1]
+            grad_rows = (g.float() / n).expand(n).contiguous()
+            gs, _ = bwd(grad_rows, s, t, None, None, divergence, BETA, 1.0, True, False)
+            return gs, None
+
+    return Recompute.apply
+
+
 def make_variant(name, divergence, compiled_cache):
     """A callable (student, teacher) -> scalar loss, or raises."""
     import torch.nn.functional as F
+    if name in ("cuda-recompute", "triton-recompute"):
+        return _recompute_variant(name.split("-")[0], divergence)
     if name in CUDA_TUNING:
         name = "cuda"
     if name in ("cuda", "triton"):
@@ -203,6 +261,8 @@ def run_case(case, variants, results, deadline, peak_bw, compiled_cache, eager_v
     dt = getattr(torch, dtype)
     elem = torch.finfo(dt).bits // 8
     nominal = UNITS[(divergence, mode)] * N * V * elem
+    upper = UNITS_2PASS.get((divergence, mode))
+    upper = upper * N * V * elem if upper else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     try:
         s = (torch.randn(N, V, device="cuda", generator=gen, dtype=torch.float32) * 2).to(dt)
@@ -215,7 +275,9 @@ def run_case(case, variants, results, deadline, peak_bw, compiled_cache, eager_v
     values = {}
     start_len = len(results)
     for v in variants:
-        row = dict(case, variant=v, nominal_gb=nominal / 1e9)
+        row = dict(case, variant=v, nominal_gb=nominal / 1e9,
+                   units=UNITS[(divergence, mode)],
+                   units_2pass=UNITS_2PASS.get((divergence, mode)))
         if time.time() > deadline:
             row["status"] = "skipped (time budget)"
             results.append(row)
@@ -243,6 +305,8 @@ def run_case(case, variants, results, deadline, peak_bw, compiled_cache, eager_v
             ms, reps = time_fn(step, before=before)
             row.update(ms=ms, reps=reps, peak_extra_gb=peak_extra(step, before),
                        tb_s=nominal / (ms * 1e-3) / 1e12)
+            if upper:
+                row["tb_s_2pass"] = upper / (ms * 1e-3) / 1e12
             if peak_bw:
                 row["frac_peak"] = nominal / (ms * 1e-3) / peak_bw
             row["loss"] = values[v]
@@ -280,12 +344,13 @@ def fmt_row(r):
     def f(k, spec):
         return format(r[k], spec) if k in r and r[k] is not None else "-"
     return (f"| {r['label']} | {r['N']}x{r['V']} | {r['dtype']} | {r['divergence']} | {r['mode']} | "
-            f"{r['variant']} | {f('ms', '.3f')} | {f('tb_s', '.2f')} | {f('frac_peak', '.0%')} | "
-            f"{f('peak_extra_gb', '.2f')} | {r.get('status', '')} |")
+            f"{r['variant']} | {f('ms', '.3f')} | {f('tb_s', '.2f')} | {f('tb_s_2pass', '.2f')} | "
+            f"{f('frac_peak', '.0%')} | {f('peak_extra_gb', '.2f')} | {r.get('status', '')} |")
 
 
 HEADER = ("| case | shape | dtype | divergence | mode | variant | ms (median) | TB/s (nominal) | "
-          "of peak | peak extra GB | status |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "TB/s 2-pass | of peak | peak extra GB | status |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main():
@@ -310,6 +375,8 @@ def main():
                 mem_gb=dev.total_memory / 1e9, torch=torch.__version__,
                 cuda=torch.version.cuda, peak_bw_tb_s=peak_bw / 1e12 if peak_bw else None,
                 units=({f"{k[0]}/{k[1]}": u for k, u in UNITS.items()}),
+                units_2pass=({f"{k[0]}/{k[1]}": u for k, u in UNITS_2PASS.items()}),
+                bytes_model=MODEL,
                 cuda_backend_env=os.environ.get("PYDISTILL_CUDA_BACKEND"))
     try:
         import triton
@@ -360,10 +427,21 @@ def main():
                                mode=mode), variants))
 
     llama = [c for c, _ in cases if c["label"] == "llama3"]
-    # then the CUDA kernels' tuning knobs on the Llama-3 cases (same build, other launch shapes)
+    # then the backward without statistics (the recompute path) on the Llama-3 fwd+bwd cases
     for c in llama:
-        rereads = c["mode"] == "fwd+bwd" or c["divergence"] == "jsd"
-        cases.append((c, ["cuda-t512", "cuda-nocache"] if rereads else ["cuda-1pass1024"]))
+        if c["mode"] == "fwd+bwd":
+            cases.append((c, ["cuda-recompute", "triton-recompute"]))
+    # then the CUDA kernels' tuning knobs on the Llama-3 cases (same build, other launch shapes):
+    # a jsd forward re-reads (pass B); fwd+bwd: the forward is single-pass for forward_kl and
+    # the backward with statistics always is, so both knobs kinds apply
+    for c in llama:
+        if c["mode"] == "fwd+bwd":
+            knobs = ["cuda-t512", "cuda-nocache", "cuda-1pass1024"] if c["divergence"] == "jsd" \
+                else ["cuda-1pass1024"]
+        else:
+            knobs = ["cuda-t512", "cuda-nocache"] if c["divergence"] == "jsd" \
+                else ["cuda-1pass1024"]
+        cases.append((c, knobs))
     # torch.compile last: each new dtype/divergence/mode costs a compilation (tens of seconds)
     if not args.no_compile:
         cases += [(c, ["compile"]) for c in llama]
@@ -371,6 +449,7 @@ def main():
     results = []
     compiled_cache = {}
     eager_values = {}
+    print(f"bytes model: {MODEL}", flush=True)
     print(HEADER, flush=True)
     for case, vs in cases:
         run_case(case, vs, results, deadline, peak_bw, compiled_cache, eager_values)
@@ -380,8 +459,8 @@ def main():
         json.dump(dict(meta=meta, results=results), f, indent=1, default=str)
     md = [f"# kd_loss GPU benchmark — {dev.name}", "",
           f"torch {meta['torch']}, triton {meta['triton']}, liger {meta['liger']}; peak "
-          f"{meta['peak_bw_tb_s']} TB/s, measured D2D copy {meta['copy_tb_s']} TB/s. "
-          f"Nominal bytes = units x N x V x elem (fwd 2; fwd+bwd 5 forward_kl, 7 jsd).", "",
+          f"{meta['peak_bw_tb_s']} TB/s, measured D2D copy {meta['copy_tb_s']} TB/s.", "",
+          f"Bytes model: {MODEL}.", "",
           HEADER] + [fmt_row(r) for r in results]
     md_path = os.path.splitext(args.out)[0] + ".md"
     with open(md_path, "w") as f:

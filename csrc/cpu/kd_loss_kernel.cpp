@@ -11,6 +11,7 @@
 // dense row kernel runs unchanged; the teacher gradient is gathered back to [.., K].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -90,18 +91,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_dense_cpu(
   const DivergencePlan plan = plan_divergence(std::string(divergence), beta);
   const int64_t V = student.size(-1);
   const int64_t N = V == 0 ? 0 : student.numel() / V;
-  check_valid(valid, student, N);
+  check_valid(valid, student, c10::multiply_integers(student.sizes().slice(0, student.dim() - 1)));
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
   const bool backward = grad_rows.defined();
   Tensor gr;
   if (backward) {
-    TORCH_CHECK(grad_rows.numel() == student.numel() / std::max<int64_t>(V, 1) || V == 0,
+    TORCH_CHECK(grad_rows.numel() == c10::multiply_integers(lead),
                 "pydistill_ext: grad_rows must have one entry per row");
     check_same_device(student, "student_logits", grad_rows, "grad_rows");
     gr = grad_rows.to(op_dtype).contiguous();
   }
-  const Tensor st_in = checked_stats(stats_in, student, N, op_dtype);
+  const Tensor st_in = checked_stats(stats_in, student, c10::multiply_integers(lead), op_dtype);
   auto stats_shape = lead.vec();
   stats_shape.push_back(cpu::kStats);
   Tensor stats = at::zeros(backward ? std::vector<int64_t>{0} : stats_shape,
@@ -228,7 +229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cpu(
   const int64_t K = indices.size(-1);
   TORCH_CHECK(K <= V, "pydistill_ext: top-k size K=", K, " exceeds the vocabulary V=", V);
   const int64_t N = V == 0 ? 0 : student.numel() / V;
-  check_valid(valid, student, N);
+  check_valid(valid, student, c10::multiply_integers(student.sizes().slice(0, student.dim() - 1)));
   const Tensor idx = indices.to(at::kLong).contiguous();
   if (idx.numel() > 0) {
     const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
@@ -241,11 +242,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cpu(
   const bool backward = grad_rows.defined();
   Tensor gr;
   if (backward) {
-    TORCH_CHECK(grad_rows.numel() == N, "pydistill_ext: grad_rows must have one entry per row");
+    TORCH_CHECK(grad_rows.numel() == c10::multiply_integers(lead),
+                "pydistill_ext: grad_rows must have one entry per row");
     check_same_device(student, "student_logits", grad_rows, "grad_rows");
     gr = grad_rows.to(op_dtype).contiguous();
   }
-  const Tensor st_in = checked_stats(stats_in, student, N, op_dtype);
+  const Tensor st_in = checked_stats(stats_in, student, c10::multiply_integers(lead), op_dtype);
   auto stats_shape = lead.vec();
   stats_shape.push_back(cpu::kStats);
   Tensor stats = at::zeros(backward ? std::vector<int64_t>{0} : stats_shape,

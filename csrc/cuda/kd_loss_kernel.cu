@@ -25,11 +25,20 @@
 //   B  SKEW/JSD/TVD only: loss and the cross-column row sums S0, S1, S2.     reads x, y
 //   C  gradients (only when asked).                                          reads x, y,
 //                                                                            writes gx, gy
-// so a KL forward without gradients reads the row pair once (2 units of N*V elements) and
-// with gradients (or the backward) 2 reads + writes. Passes B and C re-read the row from a
-// shared-memory cache that pass A fills with the first kc vectors of every thread (up to
-// ~227 KB per CTA; the whole row pair when it fits: V <= ~56K bf16 / ~28K fp32), the rest
-// from global memory (L2 when recent).
+// The forward also writes the row's statistics stats[r] = (mx, my, log Zp, log Zq, L, S0, S1,
+// S2) (registration.cpp; 32 B per fp32 row). The backward given them (stats != None) runs
+// pass C only: one read of the row pair and the gradient writes, no reductions, no
+// shared-memory cache. Traffic in units of N*V elements (r = read, w = written):
+//   forward, loss only          KL 2r; SKEW/JSD/TVD 2r + 2r for pass B (shared-memory cache
+//                               hits for the part of the row pair that fits, L2 otherwise)
+//   backward with stats         2r + 1w per differentiated side
+//   backward without stats      2r (A) [+ 2r (B)] + 2r (C) + 1w per side, as the forward
+//                               with gradients
+// so KL fwd + bwd (student gradient) is 2 + 3 = 5 units with the statistics, 7 without.
+// Passes B and C of the recomputing launches re-read the row from a shared-memory cache that
+// pass A fills with the first kc vectors of every thread (up to ~227 KB per CTA; the whole
+// row pair when it fits: V <= ~56K bf16 / ~28K fp32), the rest from global memory (L2 when
+// recent).
 //
 // No host synchronisation in the dense ops. The top-k ops do one (a [3]-element copy to the
 // host) to check the index range and per-row distinctness before launching, as the CPU
@@ -40,6 +49,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cuda_runtime.h>
@@ -52,6 +62,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 #include "pydistill/checks.h"
 #include "pydistill/divergence.h"
@@ -98,8 +109,12 @@ struct Num<float> {
   // log M is formed as log(w p + (1-w) q) when that sum is at least this (both terms are
   // then far from float's subnormal range), else in log space with logaddexp.
   static __device__ __forceinline__ float lin_min() { return 1e-30f; }
-  // exp(-l) for a row's log normaliser l (once per row: computed in double, so 1/Z carries
-  // no more than the rounding of l itself; __expf would add a few ulp)
+  // Once per row, in double (correctly rounded to float in practice; __logf / __expf may be
+  // 3 ulp off): log Z of a row's normaliser, which the statistics carry to the backward, and
+  // 1/Z = exp(-log Z) there, so that 1/Z carries no more than the rounding of log Z.
+  static __device__ __forceinline__ float lg_row(float z) {
+    return static_cast<float>(::log(static_cast<double>(z)));
+  }
   static __device__ __forceinline__ float inv_exp(float l) {
     return static_cast<float>(::exp(-static_cast<double>(l)));
   }
@@ -121,6 +136,7 @@ struct Num<double> {
     return (b & 0x7fffffffffffffffULL) > 0x7ff0000000000000ULL || b == 0x7ff0000000000000ULL;
   }
   static __device__ __forceinline__ double lin_min() { return 1e-290; }
+  static __device__ __forceinline__ double lg_row(double z) { return ::log(z); }
   static __device__ __forceinline__ double inv_exp(double l) { return ::exp(-l); }
 };
 
@@ -603,8 +619,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       block_allreduce<3>(sv, red, SumOp());
       const T Zx = sv[0], Zy = sv[1];
-      lzx = Num<T>::lg(Zx);
-      lzy = Num<T>::lg(Zy);
+      lzx = Num<T>::lg_row(Zx);
+      lzy = Num<T>::lg_row(Zy);
       izx = T(1) / Zx;
       izy = T(1) / Zy;
 
@@ -817,8 +833,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       sv[1] = T(0);
       for (int64_t k = tid; k < K; k += nt) sv[1] += Num<T>::ex((tr[k] - gmt) * it);
       block_allreduce<2>(sv, red, SumOp());
-      lzs = Num<T>::lg(sv[0]);
-      lzt = Num<T>::lg(sv[1]);
+      lzs = Num<T>::lg_row(sv[0]);
+      lzt = Num<T>::lg_row(sv[1]);
       izs = T(1) / sv[0];
       izt = T(1) / sv[1];
     }
@@ -1154,10 +1170,11 @@ void check_topk_indices(const Tensor& idx, int64_t N, int64_t K, int64_t V) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cuda(
     const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
     const std::optional<Tensor>& valid, std::string_view divergence, double beta,
-    double temperature, bool grad_student, bool grad_teacher, const Tensor& grad_rows) {
+    double temperature, bool grad_student, bool grad_teacher, const Tensor& grad_rows,
+    const std::optional<Tensor>& stats_in) {
   check_floating(student, "student_logits");
   check_floating(teacher_topk, "teacher_logits_topk");
   TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
@@ -1185,25 +1202,31 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cuda(
   check_valid(valid, student, N);
   const bool backward = grad_rows.defined();
   if (backward) {
-    TORCH_CHECK(grad_rows.numel() == N, "pydistill_ext: grad_rows must have one entry per row");
+    // V == 0: N is 0 while the loss has the leading shape; nothing to scale (as the dense op)
+    TORCH_CHECK(grad_rows.numel() == N || V == 0,
+                "pydistill_ext: grad_rows must have one entry per row");
     check_same_device(student, "student_logits", grad_rows, "grad_rows");
   }
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  const auto op_dtype = at::toOpMathType(student.scalar_type());
+  const Tensor st_in = checked_stats(stats_in, student, c10::multiply_integers(lead), op_dtype);
+  const bool from_stats = st_in.defined();
 
   c10::cuda::CUDAGuard guard(student.device());
   const Tensor idx = indices.to(at::kLong).contiguous();
   check_topk_indices(idx, N, K, V);  // the one host synchronisation of the top-k ops
 
-  const auto lead = student.sizes().slice(0, student.dim() - 1);
-  const auto op_dtype = at::toOpMathType(student.scalar_type());
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());
   Tensor gt_c = grad_teacher ? at::empty(indices.sizes(), student.options().dtype(op_dtype))
                              : at::empty({0}, student.options().dtype(op_dtype));
-  if (N == 0 || V == 0) {
+  const bool no_work = N == 0 || V == 0 || (backward && !grad_student && !grad_teacher);
+  Tensor stats = stats_output(lead, backward, no_work, student.options().dtype(op_dtype));
+  if (no_work) {
     if (grad_student) gs.zero_();
     gt_c.zero_();
     return {at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype)),
-            gs, gt_c.to(teacher_topk.scalar_type())};
+            gs, gt_c.to(teacher_topk.scalar_type()), stats};
   }
   Tensor loss = at::empty(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   const Tensor s = make_aligned(student.contiguous());
@@ -1213,8 +1236,10 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cuda(
 
   const int64_t elem = static_cast<int64_t>(student.element_size());
   const int64_t vectors = (V * elem + kVecBytes - 1) / kVecBytes;
-  const int threads = pick_threads(std::max<int64_t>(vectors, (K + 1) / 2), grad_student);
-  const int kc = pick_cache(vectors, threads, 1, grad_student);
+  // with the statistics, the gradient pass is the only read of the student row
+  const bool rereads = grad_student && !from_stats;
+  const int threads = pick_threads(std::max<int64_t>(vectors, (K + 1) / 2), rereads);
+  const int kc = pick_cache(vectors, threads, 1, rereads);
   const size_t smem = static_cast<size_t>(kc) * kVecBytes * threads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_topk_cuda", [&] {
@@ -1226,6 +1251,8 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cuda(
     args.gs = grad_student ? gs.mutable_data_ptr<scalar_t>() : nullptr;
     args.gt = grad_teacher ? gt_c.mutable_data_ptr<T>() : nullptr;
     args.loss = backward ? nullptr : loss.mutable_data_ptr<T>();
+    args.stats = backward ? nullptr : stats.mutable_data_ptr<T>();
+    args.stats_in = from_stats ? st_in.const_data_ptr<T>() : nullptr;
     args.valid = vmask.defined() ? vmask.const_data_ptr<bool>() : nullptr;
     args.grad_rows = backward ? gr.const_data_ptr<T>() : nullptr;
     args.N = N;
@@ -1233,41 +1260,51 @@ std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_cuda(
     args.K = K;
     mixing_scalars<T>(plan, temperature, args.it, args.w, args.logw, args.log1mw);
     args.kc = kc;
+    auto go = [&](auto fam, auto tp) {
+      constexpr int F = decltype(fam)::value;
+      constexpr bool TP = decltype(tp)::value;
+      if (from_stats)
+        launch(kd_topk_kernel<scalar_t, F, TP, true>, args, N, threads, smem);
+      else
+        launch(kd_topk_kernel<scalar_t, F, TP, false>, args, N, threads, smem);
+    };
+    using P_is_teacher = std::true_type;
     switch (plan.family) {
       case Family::KL:  // teacher is P (reverse KL was rejected above)
-        launch(kd_topk_kernel<scalar_t, kKL, true>, args, N, threads, smem);
+        go(std::integral_constant<int, kKL>{}, P_is_teacher{});
         break;
       case Family::SKEW:
         if (plan.teacher_is_p)
-          launch(kd_topk_kernel<scalar_t, kSKEW, true>, args, N, threads, smem);
+          go(std::integral_constant<int, kSKEW>{}, P_is_teacher{});
         else
-          launch(kd_topk_kernel<scalar_t, kSKEW, false>, args, N, threads, smem);
+          go(std::integral_constant<int, kSKEW>{}, std::false_type{});
         break;
       case Family::JSD:
-        launch(kd_topk_kernel<scalar_t, kJSD, true>, args, N, threads, smem);
+        go(std::integral_constant<int, kJSD>{}, P_is_teacher{});
         break;
       case Family::TVD:
-        launch(kd_topk_kernel<scalar_t, kTVD, true>, args, N, threads, smem);
+        go(std::integral_constant<int, kTVD>{}, P_is_teacher{});
         break;
     }
   });
-  return {loss, gs, gt_c.to(teacher_topk.scalar_type())};
+  return {loss, gs, gt_c.to(teacher_topk.scalar_type()), stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> kd_loss_topk_forward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_forward_cuda(
     const Tensor& student, const Tensor& indices, const Tensor& teacher_topk,
     const std::optional<Tensor>& valid, std::string_view divergence, double beta,
     double temperature, bool grad_student, bool grad_teacher) {
   return kd_loss_topk_cuda(student, indices, teacher_topk, valid, divergence, beta,
-                           temperature, grad_student, grad_teacher, Tensor());
+                           temperature, grad_student, grad_teacher, Tensor(), std::nullopt);
 }
 
 std::tuple<Tensor, Tensor> kd_loss_topk_backward_cuda(
     const Tensor& grad_rows, const Tensor& student, const Tensor& indices,
-    const Tensor& teacher_topk, const std::optional<Tensor>& valid, std::string_view divergence,
-    double beta, double temperature, bool grad_student, bool grad_teacher) {
+    const Tensor& teacher_topk, const std::optional<Tensor>& valid,
+    const std::optional<Tensor>& stats, std::string_view divergence, double beta,
+    double temperature, bool grad_student, bool grad_teacher) {
   auto out = kd_loss_topk_cuda(student, indices, teacher_topk, valid, divergence, beta,
-                               temperature, grad_student, grad_teacher, grad_rows);
+                               temperature, grad_student, grad_teacher, grad_rows, stats);
   return {std::get<1>(out), std::get<2>(out)};
 }
 

@@ -1,10 +1,10 @@
 """kd_loss_forward / kd_loss_topk_forward: fake kernels, autograd, backend choice, and the
 public functional API (kd_loss, kd_loss_topk).
 
-Autograd: the forward computes per-row losses only and keeps nothing but its inputs; the
-registered backward op recomputes the rows and writes grad_row * d row_loss / d logits
-directly into the gradient buffer (one [N, V] buffer per differentiated input, no extra
-scaling pass). The forward ops can also return the plain gradients in the same pass
+Autograd: the forward computes per-row losses and 8 statistics per row and keeps them with its
+inputs; the registered backward op makes one more pass over the rows and writes
+grad_row * d row_loss / d logits directly into the gradient buffer (one [N, V] buffer per
+differentiated input, no extra scaling pass). The forward ops can also return the plain gradients in the same pass
 (grad_student / grad_teacher flags): fused_linear_kd_loss uses that per chunk.
 """
 from __future__ import annotations
@@ -213,7 +213,7 @@ def _reduce_total(total, n_rows, valid, reduction, vocab, num_items_in_batch, ou
         else:
             denom = valid.sum().clamp_min(1)  # on device: no host sync
         if reduction == "mean":
-            denom = denom * vocab
+            denom = denom * max(vocab, 1)  # V = 0: every row is 0, and so is the mean
         total = total / denom
     return total.to(out_dtype)
 

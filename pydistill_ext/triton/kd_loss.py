@@ -8,12 +8,16 @@ Four opaque custom ops with the schemas, outputs and semantics of the native ops
   pydistill_ext::kd_loss_topk_forward_triton   ~ kd_loss_topk_forward
   pydistill_ext::kd_loss_topk_backward_triton  ~ kd_loss_topk_backward
 
-The forward returns the per-row loss in float32 (float64 for float64 input) and, when asked
-(grad_student / grad_teacher), d row_loss / d logits including the 1/T from the same launch
-(gradient-in-forward, as fused_linear_kd_loss uses it). The backward recomputes the rows and
-writes grad_rows[r] * d row_loss[r] / d logits straight into the gradient buffer (the same
-kernels with a per-row scale, no loss store). The forward ops get the autograd of the native
-ops from ``make_autograd`` (pydistill_ext/ops/kd_loss.py) with the Triton backward ops. They
+The forward returns the per-row loss in float32 (float64 for float64 input), when asked
+(grad_student / grad_teacher) d row_loss / d logits including the 1/T from the same launch
+(gradient-in-forward, as fused_linear_kd_loss uses it), and the per-row statistics
+stats [..., 8] = (mx, my, log Zp, log Zq, L, s0, s1, s2) of the (P, Q) pair (registration.cpp).
+The backward writes grad_rows[r] * d row_loss[r] / d logits straight into the gradient
+buffer: given the statistics, with a one-pass kernel (_kd_grad_from_stats_kernel: 2 reads +
+1 write per side of the row pair); without (stats = None), with the forward's kernels, which
+recompute the rows (a per-row scale, no loss store). The forward ops get the autograd of the
+native ops from ``make_autograd`` (pydistill_ext/ops/kd_loss.py), which hands the forward's
+statistics to the Triton backward ops. They
 are opaque ``torch.library.custom_op``s rather than ``triton_op`` + ``wrap_triton``, which do
 not pass opcheck / torch.compile under ``TRITON_INTERPRET=1`` (DESIGN.md convention 7).
 
@@ -32,7 +36,9 @@ CPU kernel (csrc/include/pydistill/kd_row_cpu.h) every family is computed on an 
 so with gradients KL reads a row pair 3 times and SKEW/JSD/TVD 4 times; exponentials are
 recomputed in each pass instead of being kept in scratch (cheap on a GPU, no [N, V]
 temporary). An online (max-rescaled) first pass would save one read; it is not done, to keep
-the shifted-logit numerics of the CPU kernel.
+the shifted-logit numerics of the CPU kernel. The forward stores the row's statistics at the
+end of pass 2 (KL) / 3; the backward with statistics skips passes 1-3 and reads the row pair
+once, p = exp((x - mx)/T - log Zp).
 
 Numerics (same rules as the CPU kernel):
   * math in float32 for float32 / float16 / bfloat16 input, float64 for float64 input (the
@@ -115,7 +121,8 @@ def _load_pair(x_row, y_row, offs, n, C: tl.constexpr):
 def _row_stats(x_row, y_row, n, it, C: tl.constexpr, BLOCK: tl.constexpr,
                ACC_KL: tl.constexpr):
     """Passes 1-2. Returns the shifts mx, my, log Zp, log Zq, 1/Zp, 1/Zq, the KL partial sum
-    sum_j ep_j * (xs_j - ys_j) (0 unless ACC_KL), and the row flags dead / has_nan."""
+    sum_j ep_j * (xs_j - ys_j) (0 unless ACC_KL), the row flags dead / has_nan, and the row
+    maxima as read (-inf for an all -inf side; for the statistics)."""
     cols = tl.arange(0, BLOCK)
     # pass 1: maxima + NaN flag (tl.maximum need not propagate NaN on the GPU, so NaN is
     # tracked explicitly)
@@ -131,6 +138,8 @@ def _row_stats(x_row, y_row, n, it, C: tl.constexpr, BLOCK: tl.constexpr,
     my = tl.max(myv, axis=0)
     has_nan = tl.max(bad, axis=0) > 0
     dead = (mx == float("-inf")) | (my == float("-inf"))
+    mx_raw = mx
+    my_raw = my
     # an all -inf side is shifted by 0 so that its (discarded) arithmetic stays quiet
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     my = tl.where(my == float("-inf"), 0.0, my)
@@ -155,7 +164,7 @@ def _row_stats(x_row, y_row, n, it, C: tl.constexpr, BLOCK: tl.constexpr,
     # Z == 0 only on an all -inf side (dead row, result discarded); NaN stays NaN
     zp = tl.where(zp == 0, 1.0, zp)
     zq = tl.where(zq == 0, 1.0, zq)
-    return mx, my, tl.log(zp), tl.log(zq), 1.0 / zp, 1.0 / zq, sd, dead, has_nan
+    return mx, my, tl.log(zp), tl.log(zq), 1.0 / zp, 1.0 / zq, sd, dead, has_nan, mx_raw, my_raw
 
 
 @triton.jit
@@ -191,6 +200,25 @@ def _store_grad(g_row, offs, V, g, dead, has_nan):
     tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
 
 
+@triton.jit
+def _store_stats(st_ptr, row, n, mx_raw, my_raw, lzp, lzq, L, s0, s1, s2, dead, has_nan):
+    """stats[row] = (mx, my, log Zp, log Zq, L, s0, s1, s2) (csrc/registration.cpp), as the
+    CPU kernel: zeros for a masked row (n == 0); NaN maxima (and loss) for a row with a NaN;
+    the maxima as read (one of them -inf) and zeros for a dead row."""
+    base = st_ptr + row * 8
+    off = dead | has_nan
+    masked = n == 0
+    nan = float("nan")
+    tl.store(base + 0, tl.where(masked, 0.0, tl.where(has_nan, nan, mx_raw)))
+    tl.store(base + 1, tl.where(masked, 0.0, tl.where(has_nan, nan, my_raw)))
+    tl.store(base + 2, tl.where(off, 0.0, lzp))
+    tl.store(base + 3, tl.where(off, 0.0, lzq))
+    tl.store(base + 4, _finish(L, dead, has_nan))
+    tl.store(base + 5, tl.where(off, 0.0, s0))
+    tl.store(base + 6, tl.where(off, 0.0, s1))
+    tl.store(base + 7, tl.where(off, 0.0, s2))
+
+
 # =====================================================================================
 # KL family: L = KL(P || Q)
 # =====================================================================================
@@ -206,19 +234,21 @@ def _store_grad(g_row, offs, V, g, dead, has_nan):
 #                                                   ->  dL/dx = p (log p - log q - L)/T
 # forward_kl is (P, Q) = (teacher, student); reverse_kl is (student, teacher).
 @triton.jit
-def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
-                  HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
-                  WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, st_ptr, valid_ptr, grow_ptr, prm_ptr,
+                  V, HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  STORE_LOSS: tl.constexpr, STORE_STATS: tl.constexpr, WANT_GX: tl.constexpr,
+                  WANT_GY: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
     n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
-    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
+    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan, mx_raw, my_raw = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, True)
     L = sd * izp + lzq - lzp
     if STORE_LOSS:
         tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_STATS:
+        _store_stats(st_ptr, row, n, mx_raw, my_raw, lzp, lzq, L, 0.0, 0.0, 0.0, dead, has_nan)
     if WANT_GX or WANT_GY:
         cols = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):
@@ -247,17 +277,17 @@ def _kd_kl_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, p
 # Pass 3 accumulates L and S; the gradient pass recomputes log m and rho.
 # skew_forward_kl is (P, Q) = (teacher, student); skew_reverse_kl is (student, teacher).
 @triton.jit
-def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
-                    HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
-                    WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, st_ptr, valid_ptr, grow_ptr, prm_ptr,
+                    V, HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    STORE_LOSS: tl.constexpr, STORE_STATS: tl.constexpr, WANT_GX: tl.constexpr,
+                    WANT_GY: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
     log_w = tl.load(prm_ptr + 2)
     log_1mw = tl.load(prm_ptr + 3)
     n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
-    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
+    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan, mx_raw, my_raw = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, False)
     cols = tl.arange(0, BLOCK)
     # pass 3: L and S
@@ -274,6 +304,8 @@ def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr,
     S = tl.sum(acc_s, axis=0)
     if STORE_LOSS:
         tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_STATS:
+        _store_stats(st_ptr, row, n, mx_raw, my_raw, lzp, lzq, L, L, S, 0.0, dead, has_nan)
     if WANT_GX or WANT_GY:
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -301,10 +333,10 @@ def _kd_skew_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr,
 # (the pre-Jacobian G^q matches Liger's (1-beta) Q (X - log M)). jsd is (P, Q) =
 # (teacher, student), w = beta; beta = 0 / 1 are dispatched to forward / reverse KL.
 @triton.jit
-def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
-                   HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
-                   WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, st_ptr, valid_ptr, grow_ptr, prm_ptr,
+                   V, HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   STORE_LOSS: tl.constexpr, STORE_STATS: tl.constexpr, WANT_GX: tl.constexpr,
+                   WANT_GY: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
@@ -312,7 +344,7 @@ def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, 
     log_w = tl.load(prm_ptr + 2)
     log_1mw = tl.load(prm_ptr + 3)
     n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
-    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
+    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan, mx_raw, my_raw = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, False)
     cols = tl.arange(0, BLOCK)
     # pass 3: Kp and Kq
@@ -329,6 +361,8 @@ def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, 
     L = w * kp + (1.0 - w) * kq
     if STORE_LOSS:
         tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_STATS:
+        _store_stats(st_ptr, row, n, mx_raw, my_raw, lzp, lzq, L, kp, kq, 0.0, dead, has_nan)
     if WANT_GX or WANT_GY:
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -352,15 +386,15 @@ def _kd_jsd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, 
 #   dL/dy = 1/2 q (sigma - Sq)/T,   dL/dx = -1/2 p (sigma - Sp)/T
 # Pass 3 accumulates sum |q - p|, Sq, Sp. tvd is (P, Q) = (teacher, student).
 @triton.jit
-def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, prm_ptr, V,
-                   HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_LOSS: tl.constexpr,
-                   WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, C: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, st_ptr, valid_ptr, grow_ptr, prm_ptr,
+                   V, HAS_VALID: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   STORE_LOSS: tl.constexpr, STORE_STATS: tl.constexpr, WANT_GX: tl.constexpr,
+                   WANT_GY: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
     it = tl.load(prm_ptr + 0)
     n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, HAS_SCALE)
-    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan = _row_stats(
+    mx, my, lzp, lzq, izp, izq, sd, dead, has_nan, mx_raw, my_raw = _row_stats(
         x_ptr + base, y_ptr + base, n, it, C, BLOCK, False)
     cols = tl.arange(0, BLOCK)
     acc_d = tl.zeros([BLOCK], C)
@@ -374,11 +408,14 @@ def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, 
         acc_d += tl.abs(diff)
         acc_q += q * sigma
         acc_p += p * sigma
-    L = 0.5 * tl.sum(acc_d, axis=0)
+    sd_abs = tl.sum(acc_d, axis=0)
+    L = 0.5 * sd_abs
     sq = tl.sum(acc_q, axis=0)
     sp = tl.sum(acc_p, axis=0)
     if STORE_LOSS:
         tl.store(loss_ptr + row, _finish(L, dead, has_nan))
+    if STORE_STATS:
+        _store_stats(st_ptr, row, n, mx_raw, my_raw, lzp, lzq, L, sd_abs, sq, sp, dead, has_nan)
     if WANT_GX or WANT_GY:
         for start in range(0, V, BLOCK):
             offs = start + cols
@@ -396,6 +433,82 @@ def _kd_tvd_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, loss_ptr, valid_ptr, grow_ptr, 
 
 _KERNELS = {_KL: _kd_kl_kernel, _SKEW: _kd_skew_kernel, _JSD: _kd_jsd_kernel,
             _TVD: _kd_tvd_kernel}
+
+
+# =====================================================================================
+# Backward from the forward's statistics: one pass per row, every family
+# =====================================================================================
+# stats[row] = (mx, my, log Zp, log Zq, L, s0, s1, s2) (csrc/registration.cpp) replaces
+# passes 1-3: each tile is read once, p = exp((x - mx)/T - log Zp) = exp(lp) (one exp per
+# side), and the gradient formulas of the family kernels above take L and the row sums from
+# the statistics (SKEW: S = s1; JSD: Kp = s0, Kq = s1; TVD: Sq = s1, Sp = s2). Rows: masked or
+# with grad_rows == 0 (n == 0): zeros, their statistics are not read; a NaN maximum: NaN
+# gradients; a -inf maximum: zeros; ZERO (SKEW with w = 1, KL(P || P) = 0): zeros (NaN rows
+# still NaN), as the CPU kernel's divergence_row_backward.
+@triton.jit
+def _kd_grad_from_stats_kernel(x_ptr, y_ptr, gx_ptr, gy_ptr, st_ptr, valid_ptr, grow_ptr,
+                               prm_ptr, V, FAM: tl.constexpr, HAS_VALID: tl.constexpr,
+                               ZERO: tl.constexpr, WANT_GX: tl.constexpr,
+                               WANT_GY: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * V
+    it = tl.load(prm_ptr + 0)
+    w = tl.load(prm_ptr + 1)
+    log_w = tl.load(prm_ptr + 2)
+    log_1mw = tl.load(prm_ptr + 3)
+    n, gsc = _row_setup(row, V, it, valid_ptr, grow_ptr, HAS_VALID, True)
+    k8 = tl.arange(0, 8)
+    # n == 0: nothing is read (a masked row's statistics may hold anything)
+    stv = tl.load(st_ptr + row * 8 + k8, mask=k8 < tl.where(n > 0, 8, 0), other=0.0).to(C)
+    mx = tl.sum(tl.where(k8 == 0, stv, 0.0), axis=0)
+    my = tl.sum(tl.where(k8 == 1, stv, 0.0), axis=0)
+    lzp = tl.sum(tl.where(k8 == 2, stv, 0.0), axis=0)
+    lzq = tl.sum(tl.where(k8 == 3, stv, 0.0), axis=0)
+    L = tl.sum(tl.where(k8 == 4, stv, 0.0), axis=0)
+    s0 = tl.sum(tl.where(k8 == 5, stv, 0.0), axis=0)
+    s1 = tl.sum(tl.where(k8 == 6, stv, 0.0), axis=0)
+    s2 = tl.sum(tl.where(k8 == 7, stv, 0.0), axis=0)
+    has_nan = (mx != mx) | (my != my)
+    dead = (mx == float("-inf")) | (my == float("-inf")) | (n == 0)
+    if ZERO:
+        dead = dead | True
+    # dead / NaN rows read nothing (all -inf tiles), with shifts that keep their discarded
+    # arithmetic quiet; _store_grad writes their zeros / NaN
+    quiet = dead | has_nan
+    mx = tl.where(quiet, 0.0, mx)
+    my = tl.where(quiet, 0.0, my)
+    lzp = tl.where(quiet, 0.0, lzp)
+    lzq = tl.where(quiet, 0.0, lzq)
+    n = tl.where(quiet, 0, n)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        x, y = _load_pair(x_ptr + base, y_ptr + base, offs, n, C)
+        lp = (x - mx) * it - lzp
+        lq = (y - my) * it - lzq
+        p = tl.exp(lp)
+        q = tl.exp(lq)
+        if FAM == 0:  # KL
+            gy = (q - p) * gsc
+            gx = tl.where(p > 0, p * (lp - lq - L) * gsc, 0.0)
+        elif FAM == 1:  # SKEW, S = s1
+            lm = _log_mix(lp, lq, log_w, log_1mw)
+            rho = tl.where(q > 0, tl.exp(log_1mw + lq - lm), 0.0)
+            gy = (q * s1 - p * rho) * gsc
+            gx = tl.where(p > 0, p * (lp - lm + rho - L - s1) * gsc, 0.0)
+        elif FAM == 2:  # JSD, Kp = s0, Kq = s1
+            lm = _log_mix(lp, lq, log_w, log_1mw)
+            gx = tl.where(p > 0, w * p * (lp - lm - s0) * gsc, 0.0)
+            gy = tl.where(q > 0, (1.0 - w) * q * (lq - lm - s1) * gsc, 0.0)
+        else:  # TVD, Sq = s1, Sp = s2
+            diff = q - p
+            sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+            gy = 0.5 * q * (sigma - s1) * gsc
+            gx = -0.5 * p * (sigma - s2) * gsc
+        if WANT_GX:
+            _store_grad(gx_ptr + base, offs, V, gx, dead, has_nan)
+        if WANT_GY:
+            _store_grad(gy_ptr + base, offs, V, gy, dead, has_nan)
 
 # Interpreter mode is fixed when triton.jit decorated the kernels (TRITON_INTERPRET=1 at
 # import time); only then may the kernels see CPU tensors.
@@ -477,9 +590,39 @@ def _check_valid(valid: Optional[torch.Tensor], ref: torch.Tensor, rows: int):
 def _check_grad_rows(grad_rows: Optional[torch.Tensor], ref: torch.Tensor, rows: int):
     if grad_rows is None:
         return
-    if grad_rows.numel() != rows:
+    # V == 0: nothing to scale, any count passes (as the native dense op; rows is 0 there
+    # while the loss has the leading shape)
+    if grad_rows.numel() != rows and ref.shape[-1] != 0:
         raise RuntimeError("pydistill_ext: grad_rows must have one entry per row")
     _check_same_device(ref, "student_logits", grad_rows, "grad_rows")
+
+
+STATS = 8  # (mx, my, log Zp, log Zq, L, s0, s1, s2) per row: csrc/registration.cpp
+# c10 names of the compute dtypes, so that the messages are the native kernels' verbatim
+_C10_NAME = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+             torch.bfloat16: "BFloat16"}
+
+
+def _check_stats(stats: Optional[torch.Tensor], ref: torch.Tensor, compute: torch.dtype):
+    """The optional statistics of a backward: 8 values per row (rows: the leading numel of
+    the logits), the compute dtype, the logits' device. Returns them as [rows, 8] contiguous."""
+    if stats is None:
+        return None
+    rows = math.prod(ref.shape[:-1])
+    if stats.numel() != rows * STATS:
+        raise RuntimeError(f"pydistill_ext: stats must hold {STATS} values per row "
+                           f"({rows * STATS}), got {stats.numel()}")
+    if stats.dtype != compute:
+        raise RuntimeError(f"pydistill_ext: stats must be {_C10_NAME[compute]} (the compute "
+                           f"dtype of the logits), got {_C10_NAME.get(stats.dtype, stats.dtype)}")
+    _check_same_device(ref, "student_logits", stats, "stats")
+    return stats.contiguous().view(rows, STATS)
+
+
+def _stats_out(student: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """The forward's statistics [..., 8]: zeros, then every launched row is written."""
+    return torch.zeros(tuple(student.shape[:-1]) + (STATS,), dtype=compute,
+                       device=student.device)
 
 
 def _block_for(V: int, dtype: torch.dtype) -> int:
@@ -491,11 +634,13 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 512 else (8 if block <= 2048 else 16)
 
 
-def _launch_rows(x, y, gx, gy, loss, valid_u8, grow, family, w, temperature, compute):
+def _launch_rows(x, y, gx, gy, loss, valid_u8, grow, family, w, temperature, compute,
+                 stats=None, stats_in=None):
     """Runs the family kernel on 2-D contiguous rows x, y [n, V] (P and Q logits, possibly of
     different dtypes). gx / gy: [n, V] gradient outputs or None; loss: [n] in the compute
     dtype or None (backward); valid_u8: [n] uint8 or None; grow: [n] per-row gradient scale
-    in the compute dtype or None (forward)."""
+    in the compute dtype or None (forward); stats: [n, 8] statistics out (forward) or None;
+    stats_in: [n, 8] the forward's statistics (backward): the one-pass gradient kernel."""
     n_rows, V = x.shape
     if n_rows == 0:
         return
@@ -505,13 +650,22 @@ def _launch_rows(x, y, gx, gy, loss, valid_u8, grow, family, w, temperature, com
     block = _block_for(V, compute)
     C = tl.float64 if compute == torch.float64 else tl.float32
     # pointers that a constexpr flag keeps from being dereferenced get a placeholder
-    args = (x, y, prm if gx is None else gx, prm if gy is None else gy,
-            prm if loss is None else loss, prm if valid_u8 is None else valid_u8,
-            prm if grow is None else grow, prm, V)
-    kw = dict(HAS_VALID=valid_u8 is not None, HAS_SCALE=grow is not None,
-              STORE_LOSS=loss is not None, WANT_GX=gx is not None, WANT_GY=gy is not None,
-              C=C, BLOCK=block, num_warps=_num_warps(block))
-    kernel = _KERNELS[family]
+    if stats_in is not None:
+        kernel = _kd_grad_from_stats_kernel
+        args = (x, y, prm if gx is None else gx, prm if gy is None else gy, stats_in,
+                prm if valid_u8 is None else valid_u8, grow, prm, V)
+        kw = dict(FAM=family, HAS_VALID=valid_u8 is not None,
+                  ZERO=family == _SKEW and w == 1.0, WANT_GX=gx is not None,
+                  WANT_GY=gy is not None, C=C, BLOCK=block, num_warps=_num_warps(block))
+    else:
+        kernel = _KERNELS[family]
+        args = (x, y, prm if gx is None else gx, prm if gy is None else gy,
+                prm if loss is None else loss, prm if stats is None else stats,
+                prm if valid_u8 is None else valid_u8, prm if grow is None else grow, prm, V)
+        kw = dict(HAS_VALID=valid_u8 is not None, HAS_SCALE=grow is not None,
+                  STORE_LOSS=loss is not None, STORE_STATS=stats is not None,
+                  WANT_GX=gx is not None, WANT_GY=gy is not None, C=C, BLOCK=block,
+                  num_warps=_num_warps(block))
     if x.device.type == "cuda":
         with torch.cuda.device(x.device):
             kernel[(n_rows,)](*args, **kw)
@@ -523,13 +677,16 @@ def _launch_rows(x, y, gx, gy, loss, valid_u8, grow, family, w, temperature, com
             kernel[(n_rows,)](*args, **kw)
 
 
-def _run_rows(s2, t2, valid_u8, grow, plan, temperature, compute, loss, gs, gt):
+def _run_rows(s2, t2, valid_u8, grow, plan, temperature, compute, loss, gs, gt, stats=None,
+              stats_in=None):
     """Maps (student, teacher) rows onto (P, Q) and launches."""
     family, teacher_is_p, w = plan
     if teacher_is_p:
-        _launch_rows(t2, s2, gt, gs, loss, valid_u8, grow, family, w, temperature, compute)
+        _launch_rows(t2, s2, gt, gs, loss, valid_u8, grow, family, w, temperature, compute,
+                     stats, stats_in)
     else:
-        _launch_rows(s2, t2, gs, gt, loss, valid_u8, grow, family, w, temperature, compute)
+        _launch_rows(s2, t2, gs, gt, loss, valid_u8, grow, family, w, temperature, compute,
+                     stats, stats_in)
 
 
 def _valid_u8(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -537,8 +694,9 @@ def _valid_u8(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _dense(student, teacher, valid, divergence, beta, temperature, grad_student, grad_teacher,
-           grad_rows):
-    """Shared body of the dense forward (grad_rows None) and backward ops."""
+           grad_rows, stats_in=None):
+    """Shared body of the dense forward (grad_rows None; returns loss, gradients, statistics)
+    and backward ops (stats_in: the forward's statistics or None)."""
     _check_floating(student, "student_logits")
     _check_floating(teacher, "teacher_logits")
     if student.dim() < 1:
@@ -556,27 +714,31 @@ def _dense(student, teacher, valid, divergence, beta, temperature, grad_student,
     N = 0 if V == 0 else student.numel() // V
     _check_valid(valid, student, N)
     _check_grad_rows(grad_rows, student, N)
+    compute = _compute_dtype(student.dtype)
+    st_in = _check_stats(stats_in, student, compute)
     _check_runnable(student)
 
-    compute = _compute_dtype(student.dtype)
     backward = grad_rows is not None
     loss = torch.zeros((0,) if backward else student.shape[:-1], dtype=compute,
                        device=student.device)
+    stats = torch.zeros((0,), dtype=compute, device=student.device) if backward \
+        else _stats_out(student, compute)
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
         else student.new_empty((0,))
     gt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if grad_teacher \
         else teacher.new_empty((0,))
-    if N == 0:
+    if N == 0 or (backward and not (grad_student or grad_teacher)):
         gs.zero_()
         gt.zero_()
-        return loss, gs, gt
+        return loss, gs, gt, stats
     grow = grad_rows.reshape(-1).to(compute).contiguous() if backward else None
     _run_rows(student.contiguous().view(N, V), teacher.contiguous().view(N, V),
               _valid_u8(valid), grow, plan, temperature, compute,
               None if backward else loss.view(N),
               gs.view(N, V) if grad_student else None,
-              gt.view(N, V) if grad_teacher else None)
-    return loss, gs, gt
+              gt.view(N, V) if grad_teacher else None,
+              None if backward else stats.view(N, STATS), st_in)
+    return loss, gs, gt, stats
 
 
 def _check_topk_indices(idx2: torch.Tensor, V: int):
@@ -597,8 +759,9 @@ def _check_topk_indices(idx2: torch.Tensor, V: int):
 
 
 def _topk(student, indices, teacher_topk, valid, divergence, beta, temperature, grad_student,
-          grad_teacher, grad_rows):
-    """Shared body of the top-k forward (grad_rows None) and backward ops."""
+          grad_teacher, grad_rows, stats_in=None):
+    """Shared body of the top-k forward (grad_rows None; returns loss, gradients, statistics)
+    and backward ops (stats_in: the forward's statistics or None)."""
     _check_floating(student, "student_logits")
     _check_floating(teacher_topk, "teacher_logits_topk")
     if indices.dtype not in (torch.int64, torch.int32):
@@ -627,21 +790,24 @@ def _topk(student, indices, teacher_topk, valid, divergence, beta, temperature, 
     N = 0 if V == 0 else student.numel() // V
     _check_valid(valid, student, N)
     _check_grad_rows(grad_rows, student, N)
+    compute = _compute_dtype(student.dtype)
+    st_in = _check_stats(stats_in, student, compute)
     idx2 = indices.reshape(N, K).to(torch.int64)
     _check_topk_indices(idx2, V)
     _check_runnable(student)
 
-    compute = _compute_dtype(student.dtype)
     dev = student.device
     backward = grad_rows is not None
     loss = torch.zeros((0,) if backward else student.shape[:-1], dtype=compute, device=dev)
+    stats = torch.zeros((0,), dtype=compute, device=dev) if backward \
+        else _stats_out(student, compute)
     gs = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_student \
         else student.new_empty((0,))
     gt = torch.zeros(indices.shape, dtype=compute, device=dev) if grad_teacher \
         else torch.empty((0,), dtype=compute, device=dev)
-    if N == 0:
+    if N == 0 or (backward and not (grad_student or grad_teacher)):
         gs.zero_()
-        return loss, gs, gt.to(teacher_topk.dtype)
+        return loss, gs, gt.to(teacher_topk.dtype), stats
 
     s2 = student.contiguous().view(N, V)
     tk2 = teacher_topk.reshape(N, K).to(compute)
@@ -662,10 +828,12 @@ def _topk(student, indices, teacher_topk, valid, divergence, beta, temperature, 
         _run_rows(s2[r0:r1], d, None if v_u8 is None else v_u8[r0:r1],
                   None if grow is None else grow[r0:r1], plan, temperature, compute,
                   None if backward else loss.view(N)[r0:r1],
-                  None if gs2 is None else gs2[r0:r1], gd)
+                  None if gs2 is None else gs2[r0:r1], gd,
+                  None if backward else stats.view(N, STATS)[r0:r1],
+                  None if st_in is None else st_in[r0:r1])
         if grad_teacher:
             gt2[r0:r1] = gd.gather(1, idx2[r0:r1])
-    return loss, gs, gt.to(teacher_topk.dtype)
+    return loss, gs, gt.to(teacher_topk.dtype), stats
 
 
 # =====================================================================================
@@ -675,9 +843,10 @@ def _topk(student, indices, teacher_topk, valid, divergence, beta, temperature, 
 @torch.library.custom_op("pydistill_ext::kd_loss_forward_triton", mutates_args=())
 def kd_loss_forward_triton(student: torch.Tensor, teacher: torch.Tensor,
                            valid: Optional[torch.Tensor], divergence: str, beta: float,
-                           temperature: float, grad_student: bool,
-                           grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton kernel of pydistill_ext::kd_loss_forward (same arguments and outputs)."""
+                           temperature: float, grad_student: bool, grad_teacher: bool,
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton kernel of pydistill_ext::kd_loss_forward (same arguments and outputs: row loss,
+    gradients, statistics [..., 8])."""
     return _dense(student, teacher, valid, divergence, beta, temperature, grad_student,
                   grad_teacher, None)
 
@@ -690,13 +859,14 @@ kd_loss_forward_triton.register_fake(_native._kd_loss_forward_fake)  # same shap
                          device_types=("cpu", "cuda"))
 def kd_loss_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
                             teacher: torch.Tensor, valid: Optional[torch.Tensor],
-                            divergence: str, beta: float, temperature: float,
-                            grad_student: bool,
+                            stats: Optional[torch.Tensor], divergence: str, beta: float,
+                            temperature: float, grad_student: bool,
                             grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel of pydistill_ext::kd_loss_backward: grad_rows[r] * d row_loss[r] / d
-    logits for the requested sides (empty [0] otherwise)."""
-    _, gs, gt = _dense(student, teacher, valid, divergence, beta, temperature, grad_student,
-                       grad_teacher, grad_rows)
+    logits for the requested sides (empty [0] otherwise); with the forward's statistics in
+    one pass per row, without them recomputing the rows."""
+    _, gs, gt, _ = _dense(student, teacher, valid, divergence, beta, temperature, grad_student,
+                          grad_teacher, grad_rows, stats)
     return gs, gt
 
 
@@ -708,7 +878,7 @@ def kd_loss_topk_forward_triton(student: torch.Tensor, teacher_indices: torch.Te
                                 teacher_logits: torch.Tensor, valid: Optional[torch.Tensor],
                                 divergence: str, beta: float, temperature: float,
                                 grad_student: bool, grad_teacher: bool,
-                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton kernel of pydistill_ext::kd_loss_topk_forward (same arguments and outputs)."""
     return _topk(student, teacher_indices, teacher_logits, valid, divergence, beta,
                  temperature, grad_student, grad_teacher, None)
@@ -721,20 +891,21 @@ kd_loss_topk_forward_triton.register_fake(_native._kd_loss_topk_forward_fake)  #
                          device_types=("cpu", "cuda"))
 def kd_loss_topk_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
                                  teacher_indices: torch.Tensor, teacher_logits: torch.Tensor,
-                                 valid: Optional[torch.Tensor], divergence: str, beta: float,
-                                 temperature: float, grad_student: bool,
+                                 valid: Optional[torch.Tensor], stats: Optional[torch.Tensor],
+                                 divergence: str, beta: float, temperature: float,
+                                 grad_student: bool,
                                  grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton kernel of pydistill_ext::kd_loss_topk_backward."""
-    _, gs, gt = _topk(student, teacher_indices, teacher_logits, valid, divergence, beta,
-                      temperature, grad_student, grad_teacher, grad_rows)
+    """Triton kernel of pydistill_ext::kd_loss_topk_backward (stats as the dense op)."""
+    _, gs, gt, _ = _topk(student, teacher_indices, teacher_logits, valid, divergence, beta,
+                         temperature, grad_student, grad_teacher, grad_rows, stats)
     return gs, gt
 
 
 kd_loss_topk_backward_triton.register_fake(_native._kd_loss_topk_backward_fake)  # same shapes as the native op
 
 
-# The autograd of the native ops (forward keeps its inputs, backward recomputes the rows),
-# with the Triton backward ops.
+# The autograd of the native ops (the forward keeps its inputs and statistics, the backward
+# runs the one-pass gradient kernel), with the Triton backward ops.
 for _topk_flag, _fwd, _bwd in (
         (False, kd_loss_forward_triton, torch.ops.pydistill_ext.kd_loss_backward_triton),
         (True, kd_loss_topk_forward_triton, torch.ops.pydistill_ext.kd_loss_topk_backward_triton)):

@@ -190,10 +190,16 @@ def test_empty(shape, divergence):
     assert out.item() == 0
     out.backward()
     assert s.grad.shape == s.shape and torch.count_nonzero(s.grad) == 0
-    rows, gs, gt = OPS.kd_loss_forward(s.detach(), t, None, divergence, 0.5, 1.0, True, True)
+    rows, gs, gt, st = OPS.kd_loss_forward(s.detach(), t, None, divergence, 0.5, 1.0, True, True)
     assert rows.shape == s.shape[:-1] and rows.dtype == torch.float32 and rows.is_cuda
     assert gs.shape == s.shape and gt.shape == t.shape
     assert torch.count_nonzero(rows) == 0 and torch.count_nonzero(gs) == 0
+    assert st.shape == s.shape[:-1] + (8,) and st.dtype == torch.float32 and st.is_cuda
+    go = torch.ones(s.shape[:-1], device=DEV)
+    for stats in (None, st):
+        bs, bt = OPS.kd_loss_backward(go, s.detach(), t, None, stats, divergence, 0.5, 1.0,
+                                      True, True)
+        assert bs.shape == s.shape and bt.shape == t.shape and torch.count_nonzero(bs) == 0
 
 
 @pytest.mark.parametrize("divergence", DIVS)
@@ -294,12 +300,12 @@ def test_nan_propagates(divergence):
     s, t = _inputs((3, 1000), torch.float32)
     s[1, 4] = math.nan
     t[2, 999] = math.nan
-    rows, gs, gt = OPS.kd_loss_forward(s, t, None, divergence, 0.5, 1.0, True, True)
+    rows, gs, gt, _ = OPS.kd_loss_forward(s, t, None, divergence, 0.5, 1.0, True, True)
     assert torch.isfinite(rows[0]) and rows[1:].isnan().all()
     assert torch.isfinite(gs[0]).all() and gs[1:].isnan().all() and gt[1:].isnan().all()
     # a masked row stays 0 whatever it holds
     valid = torch.tensor([True, False, True], device=DEV)
-    rows, gs, _ = OPS.kd_loss_forward(s, t, valid, divergence, 0.5, 1.0, True, False)
+    rows, gs, _, _ = OPS.kd_loss_forward(s, t, valid, divergence, 0.5, 1.0, True, False)
     assert rows[1].item() == 0 and torch.count_nonzero(gs[1]) == 0
 
 
@@ -325,10 +331,11 @@ def test_same_as_cpu_kernel(divergence, dtype):
         torch.testing.assert_close(a.cpu(), b, **tol)
     go = torch.randn(13, dtype=got[0].dtype).to(DEV)
     go[2] = 0.0
-    got_b = OPS.kd_loss_backward(go, s, t, valid, *args)
-    want_b = OPS.kd_loss_backward(go.cpu(), s.cpu(), t.cpu(), valid.cpu(), *args)
-    for a, b in zip(got_b, want_b):
-        torch.testing.assert_close(a.cpu(), b, **tol)
+    for st_gpu, st_cpu in ((None, None), (got[3], want[3])):
+        got_b = OPS.kd_loss_backward(go, s, t, valid, st_gpu, *args)
+        want_b = OPS.kd_loss_backward(go.cpu(), s.cpu(), t.cpu(), valid.cpu(), st_cpu, *args)
+        for a, b in zip(got_b, want_b):
+            torch.testing.assert_close(a.cpu(), b, **tol)
 
 
 @pytest.mark.parametrize("divergence", DIVS)
@@ -338,22 +345,25 @@ def test_backward_op_is_scaled_forward_gradient(divergence):
     valid = torch.tensor([True] * 8 + [False], device=DEV)
     go = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEV)
     go[4] = 0.0
-    _, gs, gt = OPS.kd_loss_forward(s, t, valid, divergence, 0.3, 1.5, True, True)
-    bs, bt = OPS.kd_loss_backward(go, s, t, valid, divergence, 0.3, 1.5, True, True)
+    _, gs, gt, st = OPS.kd_loss_forward(s, t, valid, divergence, 0.3, 1.5, True, True)
     keep = torch.arange(9, device=DEV) != 4
-    torch.testing.assert_close(bs[keep], (gs * go[:, None])[keep], rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(bt[keep], (gt * go[:, None])[keep], rtol=1e-12, atol=1e-15)
-    assert torch.count_nonzero(bs[4]) == 0 and torch.count_nonzero(bt[4]) == 0
-    bs, bt = OPS.kd_loss_backward(go, s, t, valid, divergence, 0.3, 1.5, True, False)
-    assert bt.shape == (0,)
+    for stats in (None, st):
+        bs, bt = OPS.kd_loss_backward(go, s, t, valid, stats, divergence, 0.3, 1.5, True, True)
+        torch.testing.assert_close(bs[keep], (gs * go[:, None])[keep], rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(bt[keep], (gt * go[:, None])[keep], rtol=1e-12, atol=1e-15)
+        assert torch.count_nonzero(bs[4]) == 0 and torch.count_nonzero(bt[4]) == 0
+        bs, bt = OPS.kd_loss_backward(go, s, t, valid, stats, divergence, 0.3, 1.5, True, False)
+        assert bt.shape == (0,)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_output_contract(dtype):
     s, t = _inputs((2, 3, 50), dtype)
-    rows, gs, gt = OPS.kd_loss_forward(s, t, None, "jsd", 0.5, 1.0, False, True)
+    rows, gs, gt, st = OPS.kd_loss_forward(s, t, None, "jsd", 0.5, 1.0, False, True)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     assert rows.shape == (2, 3) and rows.dtype == compute
+    assert st.shape == (2, 3, 8) and st.dtype == compute and st.is_contiguous() and st.is_cuda
+    torch.testing.assert_close(st[..., 4], rows, rtol=0, atol=0)  # L is the row loss
     assert gs.shape == (0,) and gs.dtype == dtype and gs.is_cuda
     assert gt.shape == s.shape and gt.dtype == dtype and gt.is_contiguous()
 
@@ -404,9 +414,13 @@ def test_cache_and_block_size_do_not_change_results(dtype, monkeypatch):
         for div in DIVS:
             out += OPS.kd_loss_forward(s, t, None, div, 0.3, 1.7, True, True)
             out += OPS.kd_loss_forward(s, t, None, div, 0.3, 1.7, False, False)[:1]
-            out += OPS.kd_loss_backward(go, s, t, None, div, 0.3, 1.7, True, False)
+            out += OPS.kd_loss_backward(go, s, t, None, None, div, 0.3, 1.7, True, False)
+            st = OPS.kd_loss_forward(s, t, None, div, 0.3, 1.7, False, False)[3]
+            out += OPS.kd_loss_backward(go, s, t, None, st, div, 0.3, 1.7, True, True)
         for div in TOPK_DIVS:
             out += OPS.kd_loss_topk_forward(s, idx, tk, None, div, 0.3, 1.7, True, True)
+            st = out[-1]
+            out += OPS.kd_loss_topk_backward(go, s, idx, tk, None, st, div, 0.3, 1.7, True, True)
         return out
 
     base = run()
@@ -425,15 +439,17 @@ def test_dense_ops_do_not_synchronize():
     s, t = _inputs((16, 5000), torch.bfloat16)
     valid = torch.ones(16, dtype=torch.bool, device=DEV)
     go = torch.ones(16, device=DEV)
-    OPS.kd_loss_forward(s, t, valid, "jsd", 0.3, 2.0, True, True)  # warm-up (lazy init)
-    OPS.kd_loss_backward(go, s, t, valid, "jsd", 0.3, 2.0, True, True)
+    st = OPS.kd_loss_forward(s, t, valid, "jsd", 0.3, 2.0, True, True)[3]  # warm-up (lazy init)
+    OPS.kd_loss_backward(go, s, t, valid, None, "jsd", 0.3, 2.0, True, True)
+    OPS.kd_loss_backward(go, s, t, valid, st, "jsd", 0.3, 2.0, True, True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for div in DIVS:
             OPS.kd_loss_forward(s, t, valid, div, 0.3, 2.0, True, True)
-            OPS.kd_loss_forward(s, t, None, div, 0.3, 2.0, False, False)
-            OPS.kd_loss_backward(go, s, t, valid, div, 0.3, 2.0, True, False)
+            st = OPS.kd_loss_forward(s, t, None, div, 0.3, 2.0, False, False)[3]
+            OPS.kd_loss_backward(go, s, t, valid, None, div, 0.3, 2.0, True, False)
+            OPS.kd_loss_backward(go, s, t, valid, st, div, 0.3, 2.0, True, True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -460,7 +476,8 @@ def test_native_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="same device"):
         op(s, t.cpu(), None, "jsd", 0.1, 1.0, False, False)
     with pytest.raises(RuntimeError, match="grad_rows must have one entry per row"):
-        OPS.kd_loss_backward(torch.ones(3, device=DEV), s, t, None, "jsd", 0.1, 1.0, True, False)
+        OPS.kd_loss_backward(torch.ones(3, device=DEV), s, t, None, None, "jsd", 0.1, 1.0, True,
+                             False)
 
 
 @pytest.mark.parametrize("divergence", DIVS)
@@ -484,8 +501,262 @@ def test_opcheck(divergence):
                 0.3, 2.0, gs, gt)
         torch.library.opcheck(OPS.kd_loss_forward.default, args)
     go = torch.randn(4, device=DEV)
-    torch.library.opcheck(OPS.kd_loss_backward.default,
-                          (go, s, t, valid, divergence, 0.3, 2.0, True, True))
+    st = OPS.kd_loss_forward(s, t, valid, divergence, 0.3, 2.0, False, False)[3]
+    for stats in (None, st):
+        torch.library.opcheck(OPS.kd_loss_backward.default,
+                              (go, s, t, valid, stats, divergence, 0.3, 2.0, True, True))
+
+
+# ------------------------------------------------------------------ statistics (fast backward)
+#
+# The forward's 4th output, stats [..., 8] = (mx, my, log Zp, log Zq, L, s0, s1, s2) of the
+# (P, Q) pair (csrc/registration.cpp), lets kd_loss_backward run its gradient pass alone. The
+# fast path must give the recomputing path's gradients (up to the rounding of 1/Z = exp(-log Z)
+# against 1/Z) and the oracle's.
+
+# gradient error allowed between backward(stats) and backward(None), relative to the largest
+# gradient (+ floor): float32 differs by the rounding of log Z (~1 ulp of ~10), half types by
+# one ulp of the stored gradient at most.
+TOL_FAST = {torch.float64: (1e-12, 0.0), torch.float32: (1e-5, 0.0),
+            torch.bfloat16: (8e-3, 0.0), torch.float16: (1e-3, 1.2e-7)}
+# the same between the CUDA and the CPU kernels (their exp differ by a few ulp)
+TOL_XDEV = {k: (v["grad"], v["floor"]) for k, v in TOL.items()}
+
+
+def _fast_vs_recompute(got, want, dtype, tols=TOL_FAST):
+    rel, floor = tols[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if want.numel() == 0:
+        return
+    same_nan = torch.isnan(got) == torch.isnan(want)
+    assert bool(same_nan.all()), "NaN pattern differs"
+    fin = ~torch.isnan(want)
+    g, w = got[fin].double(), want[fin].double()
+    if w.numel() == 0:
+        return
+    scale = max(w.abs().max().item(), 1e-30)
+    err = (g - w).abs().max().item()
+    assert err <= rel * scale + floor, f"fast path differs by {err:.3g} (scale {scale:.3g})"
+
+
+def _special_rows(s, t, nan_row, dead_row):
+    s, t = s.clone(), t.clone()
+    s[nan_row, 3] = math.nan
+    t[dead_row] = -math.inf
+    return s, t
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [37, 5000, 70001])
+def test_stats_backward_matches_recompute(divergence, dtype, V):
+    """backward(stats) == backward(None): masked rows, a zero grad_rows entry, a NaN row and a
+    dead row (all -inf teacher) included; both gradient sides and each alone. V = 70001: odd
+    and beyond the recomputing launch's shared-memory cache."""
+    N = 9
+    s, t = _inputs((N, V), dtype, seed=31)
+    if divergence == "tvd":
+        t = _untie(s, t, 1.7)
+    s, t = _special_rows(s, t, nan_row=1, dead_row=2)
+    valid = torch.ones(N, dtype=torch.bool, device=DEV)
+    valid[N - 1] = False
+    go = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEV)
+    go[0] = 0.0
+    rows, _, _, st = OPS.kd_loss_forward(s, t, valid, divergence, 0.3, 1.7, False, False)
+    st[N - 1] = math.nan  # a masked row's statistics are never read
+    for flags in ((True, True), (True, False), (False, True)):
+        fast = OPS.kd_loss_backward(go, s, t, valid, st, divergence, 0.3, 1.7, *flags)
+        slow = OPS.kd_loss_backward(go, s, t, valid, None, divergence, 0.3, 1.7, *flags)
+        for a, b in zip(fast, slow):
+            _fast_vs_recompute(a, b, dtype)
+            if b.numel():
+                assert torch.count_nonzero(a[N - 1]) == 0 and torch.count_nonzero(a[0]) == 0
+                assert a[1].isnan().all() and torch.count_nonzero(a[2]) == 0
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_stats_backward_matches_oracle(divergence, dtype):
+    s, t = _inputs((23, 1271), dtype, seed=32)
+    if divergence == "tvd":
+        t = _untie(s, t, 2.5)
+    valid = torch.rand(23, generator=torch.Generator().manual_seed(3)) > 0.25
+    valid = valid.to(DEV)
+    go = torch.randn(23, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(DEV)
+    _, _, _, st = OPS.kd_loss_forward(s, t, valid, divergence, 0.4, 2.5, False, False)
+    gs, gt = OPS.kd_loss_backward(go, s, t, valid, st, divergence, 0.4, 2.5, True, True)
+    s64 = s.double().requires_grad_()
+    t64 = t.double().requires_grad_()
+    rows = ref.divergence_rows(s64, t64, divergence, 0.4, 2.5)
+    (torch.where(valid, rows, torch.zeros_like(rows)) * go).sum().backward()
+    _grad_err(gs, s64.grad, TOL[dtype])
+    _grad_err(gt, t64.grad, TOL[dtype])
+
+
+def _stats_compare(got, want, valid, rtol, atol):
+    """CUDA statistics against the CPU kernel's: rows that count and are finite compare
+    value by value (maxima exactly); a NaN row has a NaN maximum on both; a dead row the same
+    -inf maximum."""
+    got, want = got.cpu().reshape(-1, 8), want.reshape(-1, 8)
+    valid = valid.cpu().reshape(-1)
+    nan_rows = torch.isnan(want[:, :2]).any(1)
+    assert torch.equal(torch.isnan(got[:, :2]).any(1) & valid, nan_rows & valid)
+    ok = valid & ~nan_rows
+    assert torch.equal(got[ok, :2], want[ok, :2])  # maxima: exact, -inf included
+    torch.testing.assert_close(got[ok], want[ok], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_stats_same_as_cpu_kernel(divergence, dtype):
+    """The forward's statistics equal the CPU kernel's, and either kernel's statistics drive
+    the other's fast backward to the same gradients."""
+    s, t = _inputs((11, 777), dtype, seed=33)
+    if divergence == "tvd":
+        t = _untie(s, t, 1.9)
+    s[3, 10:20] = -math.inf
+    t[3, 10:20] = -math.inf
+    s, t = _special_rows(s, t, nan_row=4, dead_row=5)
+    valid = torch.ones(11, dtype=torch.bool, device=DEV)
+    valid[7] = False
+    args = (divergence, 0.3, 1.9)
+    for flags in ((False, False), (True, True)):
+        got = OPS.kd_loss_forward(s, t, valid, *args, *flags)
+        want = OPS.kd_loss_forward(s.cpu(), t.cpu(), valid.cpu(), *args, *flags)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-5, atol=3e-6)
+        _stats_compare(got[3], want[3], valid, **tol)
+        fin = valid.cpu() & ~torch.isnan(want[0])
+        torch.testing.assert_close(got[3][..., 4].cpu()[fin], want[0][fin], **tol)  # L == loss
+    go = torch.randn(11, generator=torch.Generator().manual_seed(6)).to(DEV)
+    go = go.double() if dtype == torch.float64 else go
+    base = OPS.kd_loss_backward(go, s, t, valid, got[3], *args, True, True)
+    cross = OPS.kd_loss_backward(go, s, t, valid, want[3].to(DEV), *args, True, True)
+    cpu_fast = OPS.kd_loss_backward(go.cpu(), s.cpu(), t.cpu(), valid.cpu(), got[3].cpu(), *args,
+                                    True, True)
+    for a, b, c in zip(base, cross, cpu_fast):
+        _fast_vs_recompute(b, a, dtype, TOL_XDEV)
+        _fast_vs_recompute(c.to(DEV), a, dtype, TOL_XDEV)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_stats_special_rows(divergence):
+    """NaN row: a NaN maximum; dead rows (all -inf on a side): that maximum -inf and loss 0;
+    the fast backward gives NaN / zero gradient rows for them, and never reads the statistics
+    of a masked row or of a row with grad_rows == 0."""
+    s, t = _inputs((6, 300), torch.float32, seed=34)
+    s[1, 7] = math.nan
+    s[2] = -math.inf
+    t[3] = -math.inf
+    valid = torch.tensor([True, True, True, True, False, True], device=DEV)
+    rows, _, _, st = OPS.kd_loss_forward(s, t, valid, divergence, 0.3, 1.0, False, False)
+    assert torch.isnan(st[1, :2]).any()
+    p_is_teacher = divergence not in ("reverse_kl", "skew_reverse_kl")
+    s_col, t_col = (1, 0) if p_is_teacher else (0, 1)
+    assert st[2, s_col].item() == -math.inf and math.isfinite(st[2, t_col].item())
+    assert st[3, t_col].item() == -math.inf and rows[2].item() == 0 and rows[3].item() == 0
+    assert torch.isfinite(st[[0, 5]]).all()
+    go = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0], device=DEV)
+    st = st.clone()
+    st[4] = math.nan   # masked
+    st[5] = math.nan   # zero incoming gradient
+    gs, gt = OPS.kd_loss_backward(go, s, t, valid, st, divergence, 0.3, 1.0, True, True)
+    assert gs[1].isnan().all() and gt[1].isnan().all()
+    for r in (2, 3, 4, 5):
+        assert torch.count_nonzero(gs[r]) == 0 and torch.count_nonzero(gt[r]) == 0, r
+    assert torch.isfinite(gs[0]).all() and torch.count_nonzero(gs[0]) > 0
+
+
+def test_stats_argument_checks():
+    s, t = _inputs((4, 10), torch.float32)
+    go = torch.ones(4, device=DEV)
+    st = OPS.kd_loss_forward(s, t, None, "jsd", 0.3, 1.0, False, False)[3]
+    bw = OPS.kd_loss_backward
+    with pytest.raises(RuntimeError, match=r"stats must hold 8 values per row \(32\), got 24"):
+        bw(go, s, t, None, st[:3], "jsd", 0.3, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        bw(go, s, t, None, st.double(), "jsd", 0.3, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="stats is on cpu"):
+        bw(go, s, t, None, st.cpu(), "jsd", 0.3, 1.0, True, False)
+    # half logits: float32 statistics
+    sh, th = s.half(), t.half()
+    st_h = OPS.kd_loss_forward(sh, th, None, "jsd", 0.3, 1.0, False, False)[3]
+    assert st_h.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        bw(go, sh, th, None, st_h.half(), "jsd", 0.3, 1.0, True, False)
+    # the existing checks still come first / still apply
+    with pytest.raises(RuntimeError, match="grad_rows must have one entry per row"):
+        bw(torch.ones(3, device=DEV), s, t, None, st, "jsd", 0.3, 1.0, True, False)
+    # a non-contiguous [rows, 8] view is accepted
+    wide = torch.zeros(4, 16, device=DEV)
+    wide[:, ::2] = st
+    a = bw(go, s, t, None, wide[:, ::2], "jsd", 0.3, 1.0, True, True)
+    b = bw(go, s, t, None, st, "jsd", 0.3, 1.0, True, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # top-k
+    _, idx, tk = _topk_inputs(4, 10, 3, torch.float32, torch.float32)
+    st_k = OPS.kd_loss_topk_forward(s, idx, tk, None, "jsd", 0.3, 1.0, False, False)[3]
+    tb = OPS.kd_loss_topk_backward
+    with pytest.raises(RuntimeError, match="stats must hold 8 values per row"):
+        tb(go, s, idx, tk, None, st_k.reshape(-1)[:31], "jsd", 0.3, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        tb(go, s, idx, tk, None, st_k.double(), "jsd", 0.3, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="stats is on cpu"):
+        tb(go, s, idx, tk, None, st_k.cpu(), "jsd", 0.3, 1.0, True, False)
+
+
+@pytest.mark.parametrize("divergence", TOPK_DIVS)
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float16)],
+                         ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+def test_topk_stats_backward(divergence, dtypes):
+    """Top-k: backward(stats) == backward(None) (masked, zero-gradient, NaN and dead rows
+    included), the statistics equal the CPU kernel's, and the fast gradients the oracle's."""
+    N, V, K = 9, 3001, 40
+    s, idx, tk = _topk_inputs(N, V, K, *dtypes, seed=35)
+    if divergence == "tvd":
+        tk = _untie_topk(s, idx, tk, 1.3)
+    s_sp = s.clone()
+    tk_sp = tk.clone()
+    s_sp[1, 5] = math.nan
+    tk_sp[2] = -math.inf
+    valid = torch.ones(N, dtype=torch.bool, device=DEV)
+    valid[N - 1] = False
+    go = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(DEV)
+    go[0] = 0.0
+    args = (divergence, 0.3, 1.3)
+    _, _, _, st = OPS.kd_loss_topk_forward(s_sp, idx, tk_sp, valid, *args, False, False)
+    want = OPS.kd_loss_topk_forward(s_sp.cpu(), idx.cpu(), tk_sp.cpu(), valid.cpu(), *args,
+                                    False, False)[3]
+    tol = dict(rtol=1e-10, atol=1e-12) if dtypes[0] == torch.float64 else dict(rtol=3e-5, atol=3e-6)
+    _stats_compare(st, want, valid, **tol)
+    for flags in ((True, True), (True, False), (False, True)):
+        fast = OPS.kd_loss_topk_backward(go, s_sp, idx, tk_sp, valid, st, *args, *flags)
+        slow = OPS.kd_loss_topk_backward(go, s_sp, idx, tk_sp, valid, None, *args, *flags)
+        for a, b in zip(fast, slow):
+            _fast_vs_recompute(a, b, dtypes[0] if a.dtype == dtypes[0] else a.dtype)
+            if b.numel():
+                assert a[1].isnan().all() and torch.count_nonzero(a[2]) == 0
+                assert torch.count_nonzero(a[0]) == 0 and torch.count_nonzero(a[N - 1]) == 0
+    # oracle on the ordinary rows, through autograd (which hands the statistics over)
+    ok = torch.tensor([3, 4, 5, 6, 7], device=DEV)
+    _check_topk(s[ok], idx[ok], tk[ok], go=go[ok].cpu().to(DEV), divergence=divergence,
+                beta=0.3, temperature=1.3, reduction="none")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
+def test_autograd_uses_the_fast_backward(divergence):
+    """pde.kd_loss's backward hands the forward's statistics to the backward op: its gradient
+    is bit for bit the fast path's."""
+    s, t = _inputs((3, 200), torch.float32, seed=36)
+    if divergence == "tvd":
+        t = _untie(s, t, 1.0)
+    ss = s.clone().requires_grad_()
+    pde.kd_loss(ss, t, divergence=divergence, reduction="sum", _backend="cuda").backward()
+    st = OPS.kd_loss_forward(s, t, None, divergence, 0.5, 1.0, False, False)[3]
+    g_fast = OPS.kd_loss_backward(torch.ones(3, device=DEV), s, t, None, st, divergence, 0.5,
+                                  1.0, True, False)[0]
+    assert torch.equal(ss.grad, g_fast)
 
 
 # ------------------------------------------------------------------ top-k teacher
@@ -566,11 +837,14 @@ def test_topk_full_support_equals_dense(divergence):
     g = torch.Generator().manual_seed(4)
     idx = torch.stack([torch.randperm(97, generator=g) for _ in range(6)]).to(DEV)
     tk = t.gather(1, idx)
-    rows_k, gs_k, gt_k = OPS.kd_loss_topk_forward(s, idx, tk, None, divergence, 0.4, 1.3, True, True)
-    rows_d, gs_d, gt_d = OPS.kd_loss_forward(s, t, None, divergence, 0.4, 1.3, True, True)
+    rows_k, gs_k, gt_k, st_k = OPS.kd_loss_topk_forward(s, idx, tk, None, divergence, 0.4, 1.3,
+                                                        True, True)
+    rows_d, gs_d, gt_d, st_d = OPS.kd_loss_forward(s, t, None, divergence, 0.4, 1.3, True, True)
     torch.testing.assert_close(rows_k, rows_d, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gs_k, gs_d, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gt_k, gt_d.gather(1, idx), rtol=1e-9, atol=1e-12)
+    # the same statistics (the top-k ones hold the family sums with the off-support terms)
+    torch.testing.assert_close(st_k, st_d, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("divergence", TOPK_DIVS)
@@ -590,47 +864,60 @@ def test_topk_same_as_cpu_kernel(divergence, dtype):
         assert a.dtype == b.dtype and a.shape == b.shape and a.is_cuda
         torch.testing.assert_close(a.cpu(), b, **tol)
     go = torch.randn(11, dtype=got[0].dtype).to(DEV)
-    got_b = OPS.kd_loss_topk_backward(go, s, idx, tk, valid, *args)
-    want_b = OPS.kd_loss_topk_backward(go.cpu(), s.cpu(), idx.cpu(), tk.cpu(), valid.cpu(), *args)
-    for a, b in zip(got_b, want_b):
-        torch.testing.assert_close(a.cpu(), b, **tol)
+    for st_gpu, st_cpu in ((None, None), (got[3], want[3])):
+        got_b = OPS.kd_loss_topk_backward(go, s, idx, tk, valid, st_gpu, *args)
+        want_b = OPS.kd_loss_topk_backward(go.cpu(), s.cpu(), idx.cpu(), tk.cpu(), valid.cpu(),
+                                           st_cpu, *args)
+        for a, b in zip(got_b, want_b):
+            torch.testing.assert_close(a.cpu(), b, **tol)
 
 
 def test_topk_skew_forward_beta_one_is_zero():
     # KL(p_t || p_t) = 0 with a zero gradient, even though p_t = 0 off the support
     s, idx, tk = _topk_inputs(5, 300, 10, torch.float32, torch.float32, seed=3)
-    rows, gs, gt = OPS.kd_loss_topk_forward(s, idx, tk, None, "skew_forward_kl", 1.0, 1.0,
-                                            True, True)
+    rows, gs, gt, st = OPS.kd_loss_topk_forward(s, idx, tk, None, "skew_forward_kl", 1.0, 1.0,
+                                                True, True)
     assert torch.count_nonzero(rows) == 0
     assert torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
+    go = torch.ones(5, device=DEV)
+    for stats in (None, st):
+        gs, gt = OPS.kd_loss_topk_backward(go, s, idx, tk, None, stats, "skew_forward_kl", 1.0,
+                                           1.0, True, True)
+        assert torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
     s2, t2 = _inputs((5, 300), torch.float32, seed=3)  # dense: the same
-    rows, gs, gt = OPS.kd_loss_forward(s2, t2, None, "skew_forward_kl", 1.0, 1.0, True, True)
+    rows, gs, gt, st = OPS.kd_loss_forward(s2, t2, None, "skew_forward_kl", 1.0, 1.0, True, True)
     assert torch.count_nonzero(rows) == 0 and torch.count_nonzero(gs) == 0
     assert torch.count_nonzero(gt) == 0
+    for stats in (None, st):
+        gs, gt = OPS.kd_loss_backward(go, s2, t2, None, stats, "skew_forward_kl", 1.0, 1.0,
+                                      True, True)
+        assert torch.count_nonzero(gs) == 0 and torch.count_nonzero(gt) == 0
 
 
 def test_topk_output_contract_and_edges():
     s, idx, tk = _topk_inputs(3, 40, 5, torch.bfloat16, torch.float16)
-    rows, gs, gt = OPS.kd_loss_topk_forward(s, idx, tk, None, "jsd", 0.5, 1.0, True, True)
+    rows, gs, gt, st = OPS.kd_loss_topk_forward(s, idx, tk, None, "jsd", 0.5, 1.0, True, True)
     assert rows.dtype == torch.float32 and rows.shape == (3,)
+    assert st.dtype == torch.float32 and st.shape == (3, 8) and st.is_contiguous()
     assert gs.dtype == torch.bfloat16 and gs.shape == s.shape
     assert gt.dtype == torch.float16 and gt.shape == tk.shape
-    rows, gs, gt = OPS.kd_loss_topk_forward(s, idx, tk, None, "jsd", 0.5, 1.0, False, False)
+    rows, gs, gt, _ = OPS.kd_loss_topk_forward(s, idx, tk, None, "jsd", 0.5, 1.0, False, False)
     assert gs.shape == (0,) and gt.shape == (0,) and gt.dtype == torch.float16
     # K = 0: the teacher has no mass anywhere -> loss 0, gradient 0
     e_idx = idx[:, :0]
-    rows, gs, gt = OPS.kd_loss_topk_forward(s, e_idx, tk[:, :0], None, "forward_kl", 0.5, 1.0,
-                                            True, True)
+    rows, gs, gt, _ = OPS.kd_loss_topk_forward(s, e_idx, tk[:, :0], None, "forward_kl", 0.5,
+                                               1.0, True, True)
     assert torch.count_nonzero(rows) == 0 and torch.count_nonzero(gs) == 0 and gt.shape == (3, 0)
     # N = 0
-    rows, gs, gt = OPS.kd_loss_topk_forward(s[:0], idx[:0], tk[:0], None, "tvd", 0.5, 1.0,
-                                            True, True)
+    rows, gs, gt, st = OPS.kd_loss_topk_forward(s[:0], idx[:0], tk[:0], None, "tvd", 0.5, 1.0,
+                                                True, True)
     assert rows.shape == (0,) and gs.shape == (0, 40) and gt.shape == (0, 5)
+    assert st.shape == (0, 8)
     # masked rows stay 0, a dead student row gives 0
     s2 = s.clone()
     s2[1] = -math.inf
     valid = torch.tensor([True, True, False], device=DEV)
-    rows, gs, gt = OPS.kd_loss_topk_forward(s2, idx, tk, valid, "tvd", 0.5, 1.0, True, True)
+    rows, gs, gt, _ = OPS.kd_loss_topk_forward(s2, idx, tk, valid, "tvd", 0.5, 1.0, True, True)
     assert rows[1].item() == 0 and rows[2].item() == 0 and rows[0].item() > 0
     assert torch.count_nonzero(gs[1:]) == 0 and torch.count_nonzero(gt[1:]) == 0
 
@@ -693,7 +980,7 @@ def test_compile_fullgraph_native_op():
     valid = torch.tensor([True, True, False, True, True, True], device=DEV)
 
     def f(a, b):
-        rows, _, _ = OPS.kd_loss_forward(a, b, valid, "jsd", 0.3, 2.0, False, False)
+        rows = OPS.kd_loss_forward(a, b, valid, "jsd", 0.3, 2.0, False, False)[0]
         return rows.sum() * 3.0
 
     cf = torch.compile(f, fullgraph=True, backend="inductor")

@@ -475,3 +475,16 @@ def test_backward_stats_argument_checks():
         op(g, s, t, None, torch.zeros(4, 7), "forward_kl", 0.5, 1.0, True, False)
     with pytest.raises(RuntimeError, match="stats must be Float"):
         op(g, s, t, None, torch.zeros(4, 8, dtype=torch.float64), "forward_kl", 0.5, 1.0, True, False)
+
+
+def test_empty_vocabulary_with_labels_and_autograd():
+    s = torch.zeros(4, 0, requires_grad=True)
+    t = torch.zeros(4, 0)
+    labels = torch.tensor([0, -100, 1, 2])
+    for red in pde.REDUCTIONS:
+        out = pde.kd_loss(s, t, labels=labels, reduction=red)
+        out.sum().backward()
+        assert torch.count_nonzero(out) == 0 and s.grad.shape == (4, 0)
+    idx = torch.zeros(4, 0, dtype=torch.long)
+    out = pde.kd_loss_topk(s, idx, torch.zeros(4, 0), labels=labels)
+    out.backward()

@@ -100,6 +100,20 @@ def _labels(n, masked, seed=0):
     return lab.to(DEV)
 
 
+def _stats_close(got, want, valid=None, rtol=1e-5, atol=1e-6):
+    """Statistics [..., 8] of two backends: rows that count and hold no NaN agree value by
+    value (the maxima exactly, -inf included); a NaN row has a NaN maximum in both. The
+    statistics of masked rows are unspecified."""
+    got, want = got.detach().cpu().reshape(-1, 8), want.detach().cpu().reshape(-1, 8)
+    keep = torch.ones(got.shape[0], dtype=torch.bool) if valid is None \
+        else valid.cpu().reshape(-1)
+    nan_rows = torch.isnan(want[:, :2]).any(1)
+    assert torch.equal(torch.isnan(got[:, :2]).any(1)[keep], nan_rows[keep]), "NaN rows"
+    ok = keep & ~nan_rows
+    assert torch.equal(got[ok, :2], want[ok, :2]), "row maxima"
+    torch.testing.assert_close(got[ok], want[ok], rtol=rtol, atol=atol)
+
+
 # ---------------------------------------------------------------- dense op vs the oracle
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -157,9 +171,11 @@ def test_matches_native_cpu_op(divergence):
     args = (valid, divergence, BETA, 2.0, True, True)
     native = ops.kd_loss_forward(s, t, *args)
     tri = tkd.kd_loss_forward_triton(s.to(DEV), t.to(DEV), valid.to(DEV), *args[1:])
-    for a, b, name in zip(tri, native, ("loss", "grad_student", "grad_teacher")):
+    assert len(tri) == len(native) == 4
+    for a, b, name in zip(tri[:3], native[:3], ("loss", "grad_student", "grad_teacher")):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    _stats_close(tri[3], native[3], valid, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- shapes
@@ -191,9 +207,16 @@ def test_odd_shapes(shape, divergence, small_tiles):
 
 def test_empty_vocabulary():
     s = torch.empty((3, 0), device=DEV)
-    loss, gs, gt = tkd.kd_loss_forward_triton(s, s.clone(), None, "jsd", BETA, 1.0, True, True)
+    loss, gs, gt, st = tkd.kd_loss_forward_triton(s, s.clone(), None, "jsd", BETA, 1.0, True,
+                                                  True)
     assert loss.shape == (3,) and torch.all(loss == 0)
     assert gs.shape == (3, 0) and gt.shape == (3, 0)
+    assert st.shape == (3, 8) and st.dtype == torch.float32
+    go = torch.ones(3, device=DEV)
+    for stats in (None, st):
+        gs, gt = tkd.kd_loss_backward_triton(go, s, s.clone(), None, stats, "jsd", BETA, 1.0,
+                                             True, True)
+        assert gs.shape == (3, 0) and gt.shape == (3, 0)
 
 
 def test_default_tile_width_multi_tile():
@@ -250,10 +273,16 @@ def test_degenerate_and_nan_rows(divergence):
     t[3, 6] = math.nan
     s[4, 2] = math.nan
     valid = torch.tensor([True, True, True, True, False], device=DEV)
-    loss, gs, gt = tkd.kd_loss_forward_triton(s, t, valid, divergence, BETA, 1.0, True, True)
+    loss, gs, gt, st = tkd.kd_loss_forward_triton(s, t, valid, divergence, BETA, 1.0, True,
+                                                  True)
     for r in (1, 2, 4):
         assert loss[r] == 0 and torch.all(gs[r] == 0) and torch.all(gt[r] == 0), r
     assert torch.isnan(loss[3]) and torch.isnan(gs[3]).all() and torch.isnan(gt[3]).all()
+    # statistics: a -inf maximum on the dead side, NaN maxima for the NaN row, zeros when masked
+    s_col = 1 if divergence not in ("reverse_kl", "skew_reverse_kl") else 0
+    assert st[1, s_col] == -math.inf and st[2, 0] == -math.inf and st[2, 1] == -math.inf
+    assert torch.isnan(st[3, :2]).any() and torch.all(st[4] == 0)
+    assert torch.isfinite(st[0]).all() and st[0, 4] == loss[0]
     rows, g_s, g_t = _oracle(s[:1], t[:1], divergence, BETA, 1.0)
     _close(loss[:1], rows, torch.float32, "loss")
     _close(gs[:1], g_s, torch.float32, "grad_student")
@@ -334,8 +363,8 @@ def test_teacher_gradient_only(divergence):
     rows, _, gt = _oracle(s, t, divergence, BETA, 2.5, gout=gout)
     _close(out, rows, torch.float32, "loss")
     _close(t.grad, gt, torch.float32, "grad_teacher")
-    loss, gs, g_t = tkd.kd_loss_forward_triton(s, t.detach(), None, divergence, BETA, 2.5,
-                                               False, True)
+    loss, gs, g_t, _ = tkd.kd_loss_forward_triton(s, t.detach(), None, divergence, BETA, 2.5,
+                                                  False, True)
     assert gs.shape == (0,) and g_t.shape == s.shape
 
 
@@ -369,14 +398,174 @@ def test_backward_op_matches_native(divergence):
     t[5] = -math.inf
     valid = torch.tensor([True, True, True, False, True, True])
     grad_rows = torch.tensor([0.5, -2.0, 0.0, 1.0, 3.0, 1.0])
+    st_native = ops.kd_loss_forward(s, t, valid, divergence, BETA, 2.0, False, False)[3]
+    st_tri = tkd.kd_loss_forward_triton(s.to(DEV), t.to(DEV), valid.to(DEV), divergence, BETA,
+                                        2.0, False, False)[3]
     for flags in ((True, True), (True, False), (False, True)):
-        args = (valid, divergence, BETA, 2.0, *flags)
-        native = ops.kd_loss_backward(grad_rows, s, t, *args)
-        tri = tkd.kd_loss_backward_triton(grad_rows.to(DEV), s.to(DEV), t.to(DEV),
-                                          valid.to(DEV), *args[1:])
-        for a, b in zip(tri, native):
+        for sn, stt in ((None, None), (st_native, st_tri)):
+            native = ops.kd_loss_backward(grad_rows, s, t, valid, sn, divergence, BETA, 2.0,
+                                          *flags)
+            tri = tkd.kd_loss_backward_triton(grad_rows.to(DEV), s.to(DEV), t.to(DEV),
+                                              valid.to(DEV), stt, divergence, BETA, 2.0, *flags)
+            for a, b in zip(tri, native):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+# ---------------------------------------------------------------- statistics (fast backward)
+#
+# forward output 3: stats [..., 8] = (mx, my, log Zp, log Zq, L, s0, s1, s2); the backward
+# given them runs _kd_grad_from_stats_kernel (one pass) instead of recomputing the rows.
+
+# backward(stats) against backward(None): (rtol, atol) per input dtype. float32: p is
+# exp(lp) there and exp(xs) / Zp here; bfloat16: one ulp of the stored gradient.
+TOL_FAST = {torch.float64: (1e-12, 1e-15), torch.float32: (1e-5, 1e-7),
+            torch.bfloat16: (1e-2, 1e-3)}
+
+
+def _special(N, V, dtype, seed):
+    """Rows: 0 zero incoming gradient, 1 NaN student logit, 2 dead teacher (all -inf),
+    3 -inf columns on both sides, N-1 masked; the others ordinary."""
+    s = _logits((N, V), dtype, seed)
+    t = _logits((N, V), dtype, seed + 1)
+    s[1, 4] = math.nan
+    t[2] = -math.inf
+    s[3, [0, 7]] = -math.inf
+    t[3, [0, 7]] = -math.inf
+    valid = torch.ones(N, dtype=torch.bool, device=DEV)
+    valid[N - 1] = False
+    go = (torch.rand(N, generator=_gen(seed + 2), dtype=torch.float64) + 0.5).to(DEV)
+    go[0] = 0.0
+    return s, t, valid, go
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence", DIVS)
+def test_stats_backward_matches_recompute(divergence, dtype, small_tiles):
+    N, V = 6, 37
+    s, t, valid, go = _special(N, V, dtype, 90)
+    st = tkd.kd_loss_forward_triton(s, t, valid, divergence, BETA, 2.5, False, False)[3]
+    assert st.shape == (N, 8) and st.dtype == (torch.float64 if dtype == torch.float64
+                                               else torch.float32)
+    st[N - 1] = math.nan  # a masked row's statistics are never read
+    rtol, atol = TOL_FAST[dtype]
+    for flags in ((True, True), (True, False), (False, True)):
+        fast = tkd.kd_loss_backward_triton(go, s, t, valid, st, divergence, BETA, 2.5, *flags)
+        slow = tkd.kd_loss_backward_triton(go, s, t, valid, None, divergence, BETA, 2.5, *flags)
+        for a, b in zip(fast, slow):
             assert a.dtype == b.dtype and a.shape == b.shape
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
+            if b.numel():
+                assert a[1].isnan().all()
+                for r in (0, 2, N - 1):
+                    assert torch.count_nonzero(a[r]) == 0, r
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_stats_backward_matches_oracle_and_native(divergence, small_tiles):
+    """The fast backward against the float64 oracle (ordinary rows), and the statistics and
+    fast gradients against the native CPU kernel's, crossing them over: native statistics
+    into the Triton backward and the other way round."""
+    N, V = 6, 37
+    s, t, valid, go = _special(N, V, torch.float32, 91)
+    args = (divergence, BETA, 1.7)
+    tri = tkd.kd_loss_forward_triton(s, t, valid, *args, False, False)
+    nat = ops.kd_loss_forward(s.cpu(), t.cpu(), valid.cpu(), *args, False, False)
+    _stats_close(tri[3], nat[3], valid)
+    fin = valid.cpu() & ~torch.isnan(nat[0])
+    torch.testing.assert_close(tri[3][..., 4].cpu()[fin], nat[0][fin], rtol=1e-5, atol=1e-6)
+    g_tri = tkd.kd_loss_backward_triton(go, s, t, valid, tri[3], *args, True, True)
+    g_x1 = tkd.kd_loss_backward_triton(go, s, t, valid, nat[3].to(DEV), *args, True, True)
+    g_nat = ops.kd_loss_backward(go.cpu(), s.cpu(), t.cpu(), valid.cpu(), nat[3], *args,
+                                 True, True)
+    g_x2 = ops.kd_loss_backward(go.cpu(), s.cpu(), t.cpu(), valid.cpu(), tri[3].cpu(), *args,
+                                True, True)
+    for a, b, c, d in zip(g_tri, g_x1, g_nat, g_x2):
+        for other in (b, c, d):
+            torch.testing.assert_close(a.cpu(), other.cpu(), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)
+    ok = torch.tensor([3, 4])  # row 4 ordinary, row 3 with -inf columns
+    _, gs, gt = _oracle(s[ok], t[ok], divergence, BETA, 1.7, gout=go[ok])
+    _close(g_tri[0][ok], gs, torch.float32, "grad_student")
+    _close(g_tri[1][ok], gt, torch.float32, "grad_teacher")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("divergence,beta", [("skew_forward_kl", 1.0), ("skew_reverse_kl", 1.0),
+                                             ("jsd", 1.0), ("skew_forward_kl", 0.0)])
+def test_stats_beta_endpoints(divergence, beta, dtype):
+    """SKEW with w = 1 gives zero gradients from the statistics (KL(P || P) = 0); the jsd /
+    skew endpoints that map onto KL use the KL formulas."""
+    s = _logits((3, 19), dtype, 92)
+    t = _logits((3, 19), dtype, 93)
+    go = torch.tensor([1.0, -0.5, 2.0], dtype=dtype, device=DEV)
+    st = tkd.kd_loss_forward_triton(s, t, None, divergence, beta, 1.5, False, False)[3]
+    fast = tkd.kd_loss_backward_triton(go, s, t, None, st, divergence, beta, 1.5, True, True)
+    slow = tkd.kd_loss_backward_triton(go, s, t, None, None, divergence, beta, 1.5, True, True)
+    _, gs, gt = _oracle(s, t, divergence, beta, 1.5, gout=go)
+    for a, b, c in zip(fast, slow, (gs, gt)):
+        torch.testing.assert_close(a, b, rtol=TOL_FAST[dtype][0], atol=TOL_FAST[dtype][1])
+        _close(a, c, dtype, "grad")
+    if divergence.startswith("skew") and beta == 1.0:
+        assert torch.count_nonzero(fast[0]) == 0 and torch.count_nonzero(fast[1]) == 0
+
+
+def test_stats_autograd_and_retain_graph():
+    """kd_loss's autograd hands the statistics over: its gradient is the fast backward's,
+    bit for bit, and a second backward through the retained graph repeats it."""
+    s = _logits((4, 23), torch.float64, 94).requires_grad_()
+    t = _logits((4, 23), torch.float64, 95)
+    out = kd_loss(s, t, divergence="tvd", temperature=1.5, reduction="sum", _backend="triton")
+    g1, = torch.autograd.grad(out, (s,), retain_graph=True)
+    g2, = torch.autograd.grad(out, (s,))
+    st = tkd.kd_loss_forward_triton(s.detach(), t, None, "tvd", 0.5, 1.5, False, False)[3]
+    gf = tkd.kd_loss_backward_triton(torch.ones(4, dtype=torch.float64, device=DEV), s.detach(),
+                                     t, None, st, "tvd", 0.5, 1.5, True, False)[0]
+    assert torch.equal(g1, gf) and torch.equal(g2, gf)
+
+
+def test_stats_argument_checks():
+    s = _logits((4, 10), torch.float32, 96)
+    t = _logits((4, 10), torch.float32, 97)
+    go = torch.ones(4, device=DEV)
+    st = tkd.kd_loss_forward_triton(s, t, None, "jsd", BETA, 1.0, False, False)[3]
+    bw = tkd.kd_loss_backward_triton
+    with pytest.raises(RuntimeError, match=r"stats must hold 8 values per row \(32\), got 24"):
+        bw(go, s, t, None, st[:3], "jsd", BETA, 1.0, True, False)
+    with pytest.raises(RuntimeError, match=r"stats must be Float \(the compute dtype"):
+        bw(go, s, t, None, st.double(), "jsd", BETA, 1.0, True, False)
+    sh, th = s.to(torch.bfloat16), t.to(torch.bfloat16)
+    st_h = tkd.kd_loss_forward_triton(sh, th, None, "jsd", BETA, 1.0, False, False)[3]
+    assert st_h.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        bw(go, sh, th, None, st_h.to(torch.bfloat16), "jsd", BETA, 1.0, True, False)
+    if DEV.type == "cuda":
+        with pytest.raises(RuntimeError, match="stats is on cpu"):
+            bw(go, s, t, None, st.cpu(), "jsd", BETA, 1.0, True, False)
+    # (a meta tensor would send the op call to the fake kernel: check the helper directly)
+    with pytest.raises(RuntimeError, match="stats is on meta but student_logits is on"):
+        tkd._check_stats(st.to("meta"), s, torch.float32)
+    with pytest.raises(RuntimeError, match="grad_rows must have one entry per row"):
+        bw(torch.ones(3, device=DEV), s, t, None, st, "jsd", BETA, 1.0, True, False)
+    # the same messages as the native kernel
+    with pytest.raises(RuntimeError, match=r"stats must hold 8 values per row \(32\), got 24"):
+        ops.kd_loss_backward(go.cpu(), s.cpu(), t.cpu(), None, st[:3].cpu(), "jsd", BETA, 1.0,
+                             True, False)
+    # a non-contiguous view is accepted
+    wide = torch.zeros(4, 16, device=DEV)
+    wide[:, ::2] = st
+    a = bw(go, s, t, None, wide[:, ::2], "jsd", BETA, 1.0, True, True)
+    b = bw(go, s, t, None, st, "jsd", BETA, 1.0, True, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # top-k
+    _, idx, vals = _topk_inputs(4, 10, 3, torch.float32, torch.float32, 98)
+    st_k = tkd.kd_loss_topk_forward_triton(s, idx, vals, None, "jsd", BETA, 1.0, False, False)[3]
+    assert st_k.shape == (4, 8)
+    tb = tkd.kd_loss_topk_backward_triton
+    with pytest.raises(RuntimeError, match="stats must hold 8 values per row"):
+        tb(go, s, idx, vals, None, st_k.reshape(-1)[:31], "jsd", BETA, 1.0, True, False)
+    with pytest.raises(RuntimeError, match="stats must be Float"):
+        tb(go, s, idx, vals, None, st_k.double(), "jsd", BETA, 1.0, True, False)
 
 
 # ---------------------------------------------------------------- top-k teacher
@@ -458,15 +647,50 @@ def test_topk_matches_native_cpu_op():
     valid = torch.tensor([True, False, True, True, True])
     grad_rows = torch.tensor([0.5, 1.0, 0.0, -1.5, 2.0])
     for divergence in TOPK_DIVS:
-        args = (valid, divergence, BETA, 2.0, True, True)
-        native = ops.kd_loss_topk_forward(s.cpu(), idx.cpu(), vals.cpu(), *args)
-        tri = tkd.kd_loss_topk_forward_triton(s, idx, vals, valid.to(DEV), *args[1:])
-        native_bw = ops.kd_loss_topk_backward(grad_rows, s.cpu(), idx.cpu(), vals.cpu(), *args)
-        tri_bw = tkd.kd_loss_topk_backward_triton(grad_rows.to(DEV), s, idx, vals,
-                                                  valid.to(DEV), *args[1:])
-        for a, b in zip(tri + tri_bw, native + native_bw):
+        args = (divergence, BETA, 2.0, True, True)
+        native = ops.kd_loss_topk_forward(s.cpu(), idx.cpu(), vals.cpu(), valid, *args)
+        tri = tkd.kd_loss_topk_forward_triton(s, idx, vals, valid.to(DEV), *args)
+        outs, wants = list(tri), list(native)
+        for sn, stt in ((None, None), (native[3], tri[3])):
+            wants += ops.kd_loss_topk_backward(grad_rows, s.cpu(), idx.cpu(), vals.cpu(), valid,
+                                               sn, *args)
+            outs += tkd.kd_loss_topk_backward_triton(grad_rows.to(DEV), s, idx, vals,
+                                                     valid.to(DEV), stt, *args)
+        for a, b in zip(outs, wants):
             assert a.dtype == b.dtype and a.shape == b.shape
             torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", TOPK_DIVS)
+def test_topk_stats_backward(divergence, small_tiles):
+    """Top-k: backward(stats) == backward(None) (zero-gradient, NaN, dead and masked rows
+    included), statistics as the native kernel's, and the fast gradients the oracle's."""
+    N, V, K = 6, 37, 6
+    s, idx, vals = _topk_inputs(N, V, K, torch.float32, torch.float16, 99)
+    s[1, 3] = math.nan
+    vals[2] = -math.inf
+    valid = torch.tensor([True] * (N - 1) + [False], device=DEV)
+    go = torch.tensor([0.0, 1.0, 1.0, 0.5, -2.0, 1.0], device=DEV)
+    args = (divergence, BETA, 2.0)
+    st = tkd.kd_loss_topk_forward_triton(s, idx, vals, valid, *args, False, False)[3]
+    nat = ops.kd_loss_topk_forward(s.cpu(), idx.cpu(), vals.cpu(), valid.cpu(), *args, False,
+                                   False)[3]
+    _stats_close(st, nat, valid)
+    for flags in ((True, True), (True, False), (False, True)):
+        fast = tkd.kd_loss_topk_backward_triton(go, s, idx, vals, valid, st, *args, *flags)
+        slow = tkd.kd_loss_topk_backward_triton(go, s, idx, vals, valid, None, *args, *flags)
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+            if b.numel():
+                assert a[1].isnan().all()
+                for r in (0, 2, N - 1):
+                    assert torch.count_nonzero(a[r]) == 0, r
+    gs, gv = tkd.kd_loss_topk_backward_triton(go, s, idx, vals, valid, st, *args, True, True)
+    ok = torch.tensor([3, 4])
+    _, o_s, o_v = _topk_oracle(s[ok], idx[ok], vals[ok], divergence, 2.0, None, go[ok])
+    _close(gs[ok], o_s, torch.float32, "grad_student")
+    _close(gv[ok], o_v, torch.bfloat16, "grad_teacher")  # float16 teacher gradient
 
 
 def test_topk_rejects_bad_input():
@@ -530,10 +754,15 @@ def test_opcheck_backward_ops(dtype):
     t = _logits((3, 9), dtype, 74)
     grad_rows = torch.tensor([0.5, 0.0, -1.0], dtype=dtype, device=DEV)
     valid = torch.tensor([True, True, False], device=DEV)
-    torch.library.opcheck(tkd.kd_loss_backward_triton,
-                          (grad_rows, s, t, valid, "skew_reverse_kl", BETA, 2.0, True, True))
-    torch.library.opcheck(tkd.kd_loss_topk_backward_triton,
-                          (grad_rows, s, idx, vals, None, "jsd", BETA, 1.0, True, True))
+    st = tkd.kd_loss_forward_triton(s, t, valid, "skew_reverse_kl", BETA, 2.0, False, False)[3]
+    st_k = tkd.kd_loss_topk_forward_triton(s, idx, vals, None, "jsd", BETA, 1.0, False, False)[3]
+    for stats, stats_k in ((None, None), (st, st_k)):
+        torch.library.opcheck(tkd.kd_loss_backward_triton,
+                              (grad_rows, s, t, valid, stats, "skew_reverse_kl", BETA, 2.0, True,
+                               True))
+        torch.library.opcheck(tkd.kd_loss_topk_backward_triton,
+                              (grad_rows, s, idx, vals, None, stats_k, "jsd", BETA, 1.0, True,
+                               True))
 
 
 def test_torch_compile_fullgraph():
