@@ -46,6 +46,29 @@ Tensor checked_stats(const std::optional<Tensor>& stats, const Tensor& ref, int6
   return st.contiguous();
 }
 
+// The per-row inputs and outputs shared by the dense and top-k kernels: the backward's
+// grad_rows (checked, compute dtype) and optional stats, the forward's stats output.
+struct RowIO {
+  Tensor grad_rows, stats_in, stats;
+  RowIO(const Tensor& student, const Tensor& grad_rows_in, const std::optional<Tensor>& st,
+        bool backward) {
+    const auto lead = student.sizes().slice(0, student.dim() - 1);
+    const int64_t rows = c10::multiply_integers(lead);
+    const auto op_dtype = at::toOpMathType(student.scalar_type());
+    if (backward) {
+      TORCH_CHECK(grad_rows_in.numel() == rows,
+                  "pydistill_ext: grad_rows must have one entry per row");
+      check_same_device(student, "student_logits", grad_rows_in, "grad_rows");
+      grad_rows = grad_rows_in.to(op_dtype).contiguous();
+    }
+    stats_in = checked_stats(st, student, rows, op_dtype);
+    auto shape = lead.vec();
+    shape.push_back(cpu::kStats);
+    stats = at::zeros(backward ? std::vector<int64_t>{0} : shape,
+                      student.options().dtype(op_dtype));
+  }
+};
+
 // Row buffers for one worker: compute-type copies of the rows (only for half/bf16) and
 // the kernel's scratch. Zero-initialised so padded lanes read as 0.
 template <typename opmath_t>
@@ -95,18 +118,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_dense_cpu(
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
   const bool backward = grad_rows.defined();
-  Tensor gr;
-  if (backward) {
-    TORCH_CHECK(grad_rows.numel() == c10::multiply_integers(lead),
-                "pydistill_ext: grad_rows must have one entry per row");
-    check_same_device(student, "student_logits", grad_rows, "grad_rows");
-    gr = grad_rows.to(op_dtype).contiguous();
-  }
-  const Tensor st_in = checked_stats(stats_in, student, c10::multiply_integers(lead), op_dtype);
-  auto stats_shape = lead.vec();
-  stats_shape.push_back(cpu::kStats);
-  Tensor stats = at::zeros(backward ? std::vector<int64_t>{0} : stats_shape,
-                           student.options().dtype(op_dtype));
+  const RowIO io(student, grad_rows, stats_in, backward);
+  const Tensor &gr = io.grad_rows, &st_in = io.stats_in;
+  Tensor stats = io.stats;
 
   Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
@@ -240,18 +254,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cpu(
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
   const bool backward = grad_rows.defined();
-  Tensor gr;
-  if (backward) {
-    TORCH_CHECK(grad_rows.numel() == c10::multiply_integers(lead),
-                "pydistill_ext: grad_rows must have one entry per row");
-    check_same_device(student, "student_logits", grad_rows, "grad_rows");
-    gr = grad_rows.to(op_dtype).contiguous();
-  }
-  const Tensor st_in = checked_stats(stats_in, student, c10::multiply_integers(lead), op_dtype);
-  auto stats_shape = lead.vec();
-  stats_shape.push_back(cpu::kStats);
-  Tensor stats = at::zeros(backward ? std::vector<int64_t>{0} : stats_shape,
-                           student.options().dtype(op_dtype));
+  const RowIO io(student, grad_rows, stats_in, backward);
+  const Tensor &gr = io.grad_rows, &st_in = io.stats_in;
+  Tensor stats = io.stats;
   Tensor loss = at::zeros(backward ? at::IntArrayRef{0} : lead, student.options().dtype(op_dtype));
   Tensor gs = grad_student ? at::empty_like(student, at::MemoryFormat::Contiguous)
                            : at::empty({0}, student.options());

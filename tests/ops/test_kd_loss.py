@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pydistill_ext as pde
@@ -378,13 +378,16 @@ def test_module_form():
 
 # ------------------------------------------------------------------ property test
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(0, 6), v=st.integers(1, 70), divergence=st.sampled_from(DIVS),
     temperature=st.floats(0.05, 20.0), beta=st.floats(0.0, 1.0),
     scale=st.sampled_from([0.1, 1.0, 10.0, 300.0]), mask_p=st.floats(0.0, 1.0),
     neg_inf_cols=st.integers(0, 3), seed=st.integers(0, 2**16),
 )
+@example(n=1, v=1, divergence="skew_forward_kl", temperature=1.0, beta=1.0, scale=0.1,
+         mask_p=0.0, neg_inf_cols=0, seed=0)  # once found by CI: the oracle had no graph
 def test_property_against_oracle(n, v, divergence, temperature, beta, scale, mask_p,
                                  neg_inf_cols, seed):
     g = torch.Generator().manual_seed(seed)
@@ -406,9 +409,12 @@ def test_property_against_oracle(n, v, divergence, temperature, beta, scale, mas
     if n == 0:
         return
     s64 = s[:, k:].clone().requires_grad_()
-    ref.kd_loss(s64, t[:, k:], divergence=divergence, beta=beta, temperature=temperature,
-                labels=labels, reduction="sum").backward()
-    torch.testing.assert_close(ss.grad[:, k:], s64.grad, rtol=1e-7, atol=1e-9)
+    want = ref.kd_loss(s64, t[:, k:], divergence=divergence, beta=beta, temperature=temperature,
+                       labels=labels, reduction="sum")
+    # (skew at beta = 1 does not depend on the student at all: the oracle has no graph)
+    (g,) = torch.autograd.grad(want, s64, allow_unused=True) if want.requires_grad else (None,)
+    g = torch.zeros_like(s64) if g is None else g
+    torch.testing.assert_close(ss.grad[:, k:], g, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])

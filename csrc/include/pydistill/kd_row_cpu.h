@@ -119,6 +119,51 @@ struct BlockSum {
   }
 };
 
+// Row constants of the gradient formulas (header): grad_scale/T, L and the family's row sums.
+template <typename T>
+struct GradTerms {
+  Vectorized<T> gs, L, s0, s1, s2, w, one_minus_w, log1mw;
+  GradTerms(T grad_scale_over_t, T L_, T s0_, T s1_, T s2_, T w_)
+      : gs(grad_scale_over_t), L(L_), s0(s0_), s1(s1_), s2(s2_), w(w_),
+        one_minus_w(T(1) - w_), log1mw(std::log1p(-w_)) {}
+};
+
+// The gradient formulas for one vector of lanes, shared by the forward (pass 4) and the
+// backward from statistics. a, b: exp of the shifted P/Q logits; p, q: probabilities; lp, lq:
+// log-probabilities; m: log M (SKEW/JSD; unused otherwise). Stores n (<= size) lanes.
+template <typename T>
+inline void store_grad_lanes(Family family, const GradTerms<T>& c, const Vectorized<T>& a,
+                             const Vectorized<T>& b, const Vectorized<T>& p,
+                             const Vectorized<T>& q, const Vectorized<T>& lp,
+                             const Vectorized<T>& lq, const Vectorized<T>& m, T* gx, T* gy,
+                             int64_t n) {
+  using Vec = Vectorized<T>;
+  const Vec zero(T(0)), one(T(1));
+  switch (family) {
+    case Family::KL:
+      if (gy) store_row((q - p) * c.gs, gy, n);
+      if (gx) store_row(select(a > zero, p * (lp - lq - c.L) * c.gs, zero), gx, n);
+      break;
+    case Family::TVD: {
+      const Vec diff = q - p;
+      const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
+      if (gy) store_row(Vec(T(0.5)) * q * (sigma - c.s1) * c.gs, gy, n);
+      if (gx) store_row(Vec(T(-0.5)) * p * (sigma - c.s2) * c.gs, gx, n);
+      break;
+    }
+    case Family::SKEW: {
+      const Vec rho = select(b > zero, vexp(c.log1mw + lq - m), zero);
+      if (gy) store_row((q * c.s1 - p * rho) * c.gs, gy, n);
+      if (gx) store_row(select(a > zero, p * (lp - m + rho - c.L - c.s1) * c.gs, zero), gx, n);
+      break;
+    }
+    case Family::JSD:
+      if (gx) store_row(select(a > zero, c.w * p * (lp - m - c.s0) * c.gs, zero), gx, n);
+      if (gy) store_row(select(b > zero, c.one_minus_w * q * (lq - m - c.s1) * c.gs, zero), gy, n);
+      break;
+  }
+}
+
 // Per-row statistics handed from the forward to the backward (see registration.cpp):
 // (mx, my, logZp, logZq, L, s0, s1, s2).
 constexpr int kStats = 8;
@@ -170,7 +215,7 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
     return T(0);
   }
 
-  const Vec vmxs(mx), vmys(my), vit(inv_temp), vgs(grad_scale * inv_temp), zero(T(0));
+  const Vec vmxs(mx), vmys(my), vit(inv_temp), zero(T(0));
   const bool is_kl = plan.family == Family::KL;
 
   // pass 2: exponentials, normalisers; KL also accumulates sum ep * d
@@ -198,17 +243,14 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
     const T L = sd.total() * invZp + logZq - logZp;
     if (st) st[4] = L;
     if (gx || gy) {
-      const Vec vL(L);
+      const GradTerms<T> c(grad_scale * inv_temp, L, T(0), T(0), T(0), T(0));
       for (int64_t j = 0; j < V; j += W) {
         const int64_t n = V - j;
-        const Vec p = Vec::loadu(ep + j) * vinvZp;
-        const Vec q = Vec::loadu(eq + j) * vinvZq;
-        if (gy) store_row((q - p) * vgs, gy + j, n);
-        if (gx) {
-          const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
-          const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
-          store_row(select(p > zero, p * (lp - lq - vL) * vgs, zero), gx + j, n);
-        }
+        const Vec a = Vec::loadu(ep + j), b = Vec::loadu(eq + j);
+        const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
+        const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
+        store_grad_lanes(Family::KL, c, a, b, a * vinvZp, b * vinvZq, lp, lq, zero,
+                         gx ? gx + j : nullptr, gy ? gy + j : nullptr, n);
       }
     }
     return L;
@@ -271,30 +313,16 @@ T divergence_row(const T* x, const T* y, int64_t V, const DivergencePlan& plan, 
   if (!want_grad) return L;
 
   // pass 4: gradients
-  const Vec vL(L), vS0(s0), vS1(s1), vS2(s2), half(T(0.5)), vw(w), v1mw(T(1) - w);
+  const GradTerms<T> c(grad_scale * inv_temp, L, s0, s1, s2, w);
+  const bool tvd = plan.family == Family::TVD;
   for (int64_t j = 0; j < V; j += W) {
     const int64_t n = V - j;
     const Vec a = Vec::loadu(ep + j), b = Vec::loadu(eq + j);
-    const Vec p = a * vinvZp, q = b * vinvZq;
-    if (plan.family == Family::TVD) {
-      const Vec diff = q - p;
-      const Vec one(T(1));
-      const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
-      if (gy) store_row(half * q * (sigma - vS1) * vgs, gy + j, n);
-      if (gx) store_row(Vec(T(-0.5)) * p * (sigma - vS2) * vgs, gx + j, n);
-      continue;
-    }
-    const Vec lp = (load_row(x + j, n) - vmxs) * vit - vlogZp;
-    const Vec lq = (load_row(y + j, n) - vmys) * vit - vlogZq;
-    const Vec m = Vec::loadu(lm + j);
-    if (plan.family == Family::SKEW) {
-      const Vec rho = select(b > zero, vexp(vlog1mw + lq - m), zero);
-      if (gy) store_row((q * vS1 - p * rho) * vgs, gy + j, n);
-      if (gx) store_row(select(a > zero, p * (lp - m + rho - vL - vS1) * vgs, zero), gx + j, n);
-    } else {  // JSD
-      if (gx) store_row(select(a > zero, vw * p * (lp - m - vS0) * vgs, zero), gx + j, n);
-      if (gy) store_row(select(b > zero, v1mw * q * (lq - m - vS1) * vgs, zero), gy + j, n);
-    }
+    const Vec lp = tvd ? zero : (load_row(x + j, n) - vmxs) * vit - vlogZp;
+    const Vec lq = tvd ? zero : (load_row(y + j, n) - vmys) * vit - vlogZq;
+    const Vec m = tvd ? zero : Vec::loadu(lm + j);
+    store_grad_lanes(plan.family, c, a, b, a * vinvZp, b * vinvZq, lp, lq, m,
+                     gx ? gx + j : nullptr, gy ? gy + j : nullptr, n);
   }
   return L;
 }
@@ -321,44 +349,21 @@ void divergence_row_backward(const T* x, const T* y, int64_t V, const Divergence
     fill_row(gy, V, T(0));
     return;
   }
-  const T logZp = st[2], logZq = st[3], L = st[4], s0 = st[5], s1 = st[6], s2 = st[7];
-  const Vec vmxs(mx), vmys(my), vit(inv_temp), vgs(grad_scale * inv_temp), zero(T(0));
+  const T logZp = st[2], logZq = st[3];
+  const GradTerms<T> c(grad_scale * inv_temp, st[4], st[5], st[6], st[7], w);
+  const Vec vmxs(mx), vmys(my), vit(inv_temp), zero(T(0));
   const Vec vinvZp(std::exp(-logZp)), vinvZq(std::exp(-logZq)), vlogZp(logZp), vlogZq(logZq);
-  const Vec vL(L), vS0(s0), vS1(s1), vS2(s2), half(T(0.5)), vw(w), v1mw(T(1) - w);
-  const Vec vlogw(std::log(w)), vlog1mw(std::log1p(-w)), one(T(1));
+  const Vec vlogw(std::log(w));
+  const bool mixes = plan.family == Family::SKEW || plan.family == Family::JSD;
   for (int64_t j = 0; j < V; j += W) {
     const int64_t n = V - j;
     const Vec xs = (load_row(x + j, n) - vmxs) * vit;
     const Vec ys = (load_row(y + j, n) - vmys) * vit;
     const Vec a = vexp(xs), b = vexp(ys);
-    const Vec p = a * vinvZp, q = b * vinvZq;
     const Vec lp = xs - vlogZp, lq = ys - vlogZq;
-    switch (plan.family) {
-      case Family::KL:
-        if (gy) store_row((q - p) * vgs, gy + j, n);
-        if (gx) store_row(select(a > zero, p * (lp - lq - vL) * vgs, zero), gx + j, n);
-        break;
-      case Family::TVD: {
-        const Vec diff = q - p;
-        const Vec sigma = select(diff > zero, one, select(diff < zero, -one, zero));
-        if (gy) store_row(half * q * (sigma - vS1) * vgs, gy + j, n);
-        if (gx) store_row(Vec(T(-0.5)) * p * (sigma - vS2) * vgs, gx + j, n);
-        break;
-      }
-      case Family::SKEW: {
-        const Vec m = logaddexp(vlogw + lp, vlog1mw + lq);
-        const Vec rho = select(b > zero, vexp(vlog1mw + lq - m), zero);
-        if (gy) store_row((q * vS1 - p * rho) * vgs, gy + j, n);
-        if (gx) store_row(select(a > zero, p * (lp - m + rho - vL - vS1) * vgs, zero), gx + j, n);
-        break;
-      }
-      case Family::JSD: {
-        const Vec m = logaddexp(vlogw + lp, vlog1mw + lq);
-        if (gx) store_row(select(a > zero, vw * p * (lp - m - vS0) * vgs, zero), gx + j, n);
-        if (gy) store_row(select(b > zero, v1mw * q * (lq - m - vS1) * vgs, zero), gy + j, n);
-        break;
-      }
-    }
+    const Vec m = mixes ? logaddexp(vlogw + lp, c.log1mw + lq) : zero;
+    store_grad_lanes(plan.family, c, a, b, a * vinvZp, b * vinvZq, lp, lq, m,
+                     gx ? gx + j : nullptr, gy ? gy + j : nullptr, n);
   }
 }
 
