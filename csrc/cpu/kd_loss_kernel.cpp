@@ -102,19 +102,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_dense_cpu(
     const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& valid,
     std::string_view divergence, double beta, double temperature, bool grad_student,
     bool grad_teacher, const Tensor& grad_rows, const std::optional<Tensor>& stats_in) {
-  check_floating(student, "student_logits");
-  check_floating(teacher, "teacher_logits");
-  TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "pydistill_ext: teacher_logits shape ",
-              teacher.sizes(), " must equal student_logits shape ", student.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "pydistill_ext: teacher_logits dtype ",
-              teacher.scalar_type(), " must equal student_logits dtype ", student.scalar_type());
-  check_same_device(student, "student_logits", teacher, "teacher_logits");
-  check_temperature(temperature);
-  const DivergencePlan plan = plan_divergence(std::string(divergence), beta);
+  const DivergencePlan plan =
+      check_kd_dense_args(student, teacher, valid, divergence, beta, temperature);
   const int64_t V = student.size(-1);
   const int64_t N = V == 0 ? 0 : student.numel() / V;
-  check_valid(valid, student, c10::multiply_integers(student.sizes().slice(0, student.dim() - 1)));
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const auto op_dtype = at::toOpMathType(student.scalar_type());
   const bool backward = grad_rows.defined();
@@ -219,31 +210,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cpu(
     const std::optional<Tensor>& valid, std::string_view divergence, double beta,
     double temperature, bool grad_student, bool grad_teacher, const Tensor& grad_rows,
     const std::optional<Tensor>& stats_in) {
-  check_floating(student, "student_logits");
-  check_floating(teacher_topk, "teacher_logits_topk");
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "pydistill_ext: teacher_indices must be int64 or int32, got ", indices.scalar_type());
-  TORCH_CHECK(student.dim() >= 1, "pydistill_ext: student_logits must have a vocabulary dim");
-  TORCH_CHECK(indices.sizes() == teacher_topk.sizes(), "pydistill_ext: teacher_indices shape ",
-              indices.sizes(), " must equal teacher_logits_topk shape ", teacher_topk.sizes());
-  TORCH_CHECK(indices.dim() == student.dim() &&
-                  indices.sizes().slice(0, indices.dim() - 1) ==
-                      student.sizes().slice(0, student.dim() - 1),
-              "pydistill_ext: teacher_indices shape ", indices.sizes(),
-              " must match student_logits ", student.sizes(), " in all but the last dim");
-  check_same_device(student, "student_logits", indices, "teacher_indices");
-  check_same_device(student, "student_logits", teacher_topk, "teacher_logits_topk");
-  check_temperature(temperature);
-  const DivergencePlan plan = plan_divergence(std::string(divergence), beta);
-  TORCH_CHECK(!(plan.family == Family::KL && !plan.teacher_is_p),
-              "pydistill_ext: divergence '", divergence,
-              "' is infinite for a top-k teacher (zero mass off its K entries); use jsd, "
-              "skew_reverse_kl, forward_kl or tvd");
+  const DivergencePlan plan = check_kd_topk_args(student, indices, teacher_topk, valid,
+                                                 divergence, beta, temperature);
   const int64_t V = student.size(-1);
   const int64_t K = indices.size(-1);
-  TORCH_CHECK(K <= V, "pydistill_ext: top-k size K=", K, " exceeds the vocabulary V=", V);
   const int64_t N = V == 0 ? 0 : student.numel() / V;
-  check_valid(valid, student, c10::multiply_integers(student.sizes().slice(0, student.dim() - 1)));
   const Tensor idx = indices.to(at::kLong).contiguous();
   if (idx.numel() > 0) {
     const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
