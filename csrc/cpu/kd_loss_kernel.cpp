@@ -79,6 +79,24 @@ struct Scratch {
   opmath_t* row(int i) { return buf.data() + i * stride; }
 };
 
+// One row, student/teacher mapped onto the plan's (P, Q): the one-pass backward when the
+// forward's statistics st_in are given (returns 0), else the full row kernel (returns the row
+// loss, writes the statistics to st_out when given). Scratch rows 0-2 are the kernel's.
+template <typename T>
+T run_row(const DivergencePlan& plan, const T* srow, const T* trow, T* gs, T* gt, int64_t V,
+          T inv_temp, T scale, const T* st_in, T* st_out, Scratch<T>& sc) {
+  const T* x = plan.teacher_is_p ? trow : srow;
+  const T* y = plan.teacher_is_p ? srow : trow;
+  T* gx = plan.teacher_is_p ? gt : gs;
+  T* gy = plan.teacher_is_p ? gs : gt;
+  if (st_in) {
+    cpu::divergence_row_backward<T>(x, y, V, plan, inv_temp, scale, st_in, gx, gy);
+    return T(0);
+  }
+  return cpu::divergence_row<T>(x, y, V, plan, inv_temp, scale, gx, gy, sc.row(0), sc.row(1),
+                                sc.row(2), st_out);
+}
+
 template <typename scalar_t, typename opmath_t>
 inline const opmath_t* as_compute(const scalar_t* src, int64_t V, opmath_t* tmp) {
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
@@ -164,19 +182,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_dense_cpu(
           gs_c = reinterpret_cast<opmath_t*>(gs_row);
           gt_c = reinterpret_cast<opmath_t*>(gt_row);
         }
-        const opmath_t* x = plan.teacher_is_p ? trow : srow;
-        const opmath_t* y = plan.teacher_is_p ? srow : trow;
-        opmath_t* gx = plan.teacher_is_p ? gt_c : gs_c;
-        opmath_t* gy = plan.teacher_is_p ? gs_c : gt_c;
-        if (stin) {
-          cpu::divergence_row_backward<opmath_t>(x, y, V, plan, inv_temp, scale,
-                                                 stin + r * cpu::kStats, gx, gy);
-        } else {
-          const opmath_t l = cpu::divergence_row<opmath_t>(
-              x, y, V, plan, inv_temp, scale, gx, gy, sc.row(0), sc.row(1), sc.row(2),
-              stp ? stp + r * cpu::kStats : nullptr);
-          if (lp) lp[r] = l;
-        }
+        const opmath_t l = run_row<opmath_t>(plan, srow, trow, gs_c, gt_c, V, inv_temp, scale,
+                                             stin ? stin + r * cpu::kStats : nullptr,
+                                             stp ? stp + r * cpu::kStats : nullptr, sc);
+        if (lp) lp[r] = l;
         if constexpr (reduced) {
           if (gs_row) store_back<scalar_t, opmath_t>(gs_c, V, gs_row);
           if (gt_row) store_back<scalar_t, opmath_t>(gt_c, V, gt_row);
@@ -285,19 +294,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> kd_loss_topk_cpu(
           gs_c = reinterpret_cast<opmath_t*>(gs_row);
         }
         opmath_t* gt_dense = gtp ? sc.row(4) : nullptr;
-        const opmath_t* x = plan.teacher_is_p ? trow : srow;
-        const opmath_t* y = plan.teacher_is_p ? srow : trow;
-        opmath_t* gx = plan.teacher_is_p ? gt_dense : gs_c;
-        opmath_t* gy = plan.teacher_is_p ? gs_c : gt_dense;
-        if (stin) {
-          cpu::divergence_row_backward<opmath_t>(x, y, V, plan, inv_temp, scale,
-                                                 stin + r * cpu::kStats, gx, gy);
-        } else {
-          const opmath_t l = cpu::divergence_row<opmath_t>(
-              x, y, V, plan, inv_temp, scale, gx, gy, sc.row(0), sc.row(1), sc.row(2),
-              stp ? stp + r * cpu::kStats : nullptr);
-          if (lp) lp[r] = l;
-        }
+        const opmath_t l = run_row<opmath_t>(plan, srow, trow, gs_c, gt_dense, V, inv_temp, scale,
+                                             stin ? stin + r * cpu::kStats : nullptr,
+                                             stp ? stp + r * cpu::kStats : nullptr, sc);
+        if (lp) lp[r] = l;
         if (gtp)
           for (int64_t k = 0; k < K; ++k) gtp[r * K + k] = gt_dense[irow[k]];
         for (int64_t k = 0; k < K; ++k) trow[irow[k]] = ninf;
