@@ -35,6 +35,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -132,7 +133,7 @@ struct GradTerms {
 // backward from statistics. a, b: exp of the shifted P/Q logits; p, q: probabilities; lp, lq:
 // log-probabilities; m: log M (SKEW/JSD; unused otherwise). Stores n (<= size) lanes.
 template <typename T>
-inline void store_grad_lanes(Family family, const GradTerms<T>& c, const Vectorized<T>& a,
+C10_ALWAYS_INLINE void store_grad_lanes(Family family, const GradTerms<T>& c, const Vectorized<T>& a,
                              const Vectorized<T>& b, const Vectorized<T>& p,
                              const Vectorized<T>& q, const Vectorized<T>& lp,
                              const Vectorized<T>& lq, const Vectorized<T>& m, T* gx, T* gy,
