@@ -31,6 +31,9 @@ def _common(p: argparse.ArgumentParser):
                         "(default: $PYDISTILL_DATA, then ../shared/data beside the checkout)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; use 1 per process when "
+                        "several jobs share the cores: OpenMP spin-waits when oversubscribed)")
 
 
 def _load_dataset(args, zca: bool = False):
@@ -252,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         os.environ["PYDISTILL_QUIET"] = "1"
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
