@@ -107,15 +107,24 @@ def _dist_setup(device: str):
 
 
 def cmd_eval(args) -> int:
-    from pydistill_ext.evaluation import EvalConfig, EvalResult, evaluate_synset
     syn = art.load_distilled(args.path)
     made_on = syn.meta.get("dataset", {}) if isinstance(syn.meta.get("dataset"), dict) else {}
-    if made_on.get("name") and made_on["name"] != args.dataset and Path(args.dataset).name != made_on["name"]:
-        raise SystemExit(f"{args.path} was distilled from dataset {made_on['name']!r}, "
-                         f"not {args.dataset!r}")
     ds = _load_dataset(args, zca=bool(made_on.get("zca", False)))
+    if made_on.get("name") and made_on["name"] != ds.name:
+        raise SystemExit(f"{args.path} was distilled from dataset {made_on['name']!r}, "
+                         f"not {ds.name!r}")
     rank, world, device = _dist_setup(args.device)
-    config = EvalConfig(model=args.model, epochs=args.epochs, lr=args.lr,
+    for model in args.model:
+        _eval_one(args, syn, ds, model, rank, world, device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
+
+
+def _eval_one(args, syn, ds, model, rank, world, device):
+    from pydistill_ext.evaluation import EvalConfig, EvalResult, evaluate_synset
+    config = EvalConfig(model=model, epochs=args.epochs, lr=args.lr,
                         batch_size=args.batch_size, augment=args.augment, device=device)
     seeds = [args.seed + r for r in range(args.repeats)]
     mine = seeds[rank::world]
@@ -127,23 +136,22 @@ def cmd_eval(args) -> int:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         rows = sorted(r for part in gathered for r in part)
-        dist.destroy_process_group()
     if rank != 0:
-        return 0
-    result = EvalResult(args.model, [r[0] for r in rows], [r[1] for r in rows],
+        return
+    result = EvalResult(model, [r[0] for r in rows], [r[1] for r in rows],
                         [r[2] for r in rows], config.to_dict())
-    out_dir = Path(args.out) if args.out else Path(args.path).resolve().parent
+    src = Path(args.path).resolve()
+    out_dir = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
     record = {**result.to_dict(), "processes": world, "distilled": str(args.path),
               "images": len(syn), "dataset": ds.name}
-    art.write_json(out_dir / f"eval_{args.model}.json", record)
+    art.write_json(out_dir / f"eval_{model}.json", record)
     metrics_path = out_dir / art.METRICS_FILE
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
-        metrics.setdefault("evaluation", {})[args.model] = record
+        metrics.setdefault("evaluation", {})[model] = record
         art.write_json(metrics_path, metrics)
     print(f"{ds.name} | {syn.meta.get('method', '?')} | {len(syn)} images | "
           f"{result.summary()} | epochs {args.epochs} | seeds {result.seeds}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="train fresh networks on a set, test on real data")
     e.add_argument("path", help="DIR/distilled.safetensors (or DIR)")
     e.add_argument("--dataset", required=True)
-    e.add_argument("--model", default="convnet")
+    e.add_argument("--model", nargs="+", default=["convnet"],
+                   help="one or more architectures (cross-architecture generalisation)")
     e.add_argument("--epochs", type=int, default=1000)
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--seed", type=int, default=0)

@@ -35,6 +35,11 @@ def test_baseline_then_eval(tmp_path, capsys):
     assert metrics["evaluation"]["convnet-small"]["mean"] == rec["mean"]
     assert metrics["config"]["seed"] == 1 and metrics["versions"]["torch"] == torch.__version__
     assert "digits | random | 50 images" in capsys.readouterr().out
+    # cross-architecture: several models in one call; a directory path writes beside the set
+    run(["eval", str(out), "--dataset", "DIGITS", "--model", "mlp", "resnet-small", "--epochs",
+         "2", "--repeats", "1", "--augment", "none", "--quiet"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["evaluation"]) == {"convnet-small", "mlp", "resnet-small"}
 
 
 def test_method_list_and_errors(tmp_path, capsys):
