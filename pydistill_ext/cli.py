@@ -128,9 +128,26 @@ def _eval_one(args, syn, ds, model, rank, world, device):
                         batch_size=args.batch_size, augment=args.augment, device=device)
     seeds = [args.seed + r for r in range(args.repeats)]
     mine = seeds[rank::world]
-    res = evaluate_synset(syn.images, syn.labels, ds, config, seeds=mine,
-                          progress=not args.quiet and rank == 0)
-    rows = list(zip(res.seeds, res.accuracies, res.seconds))
+    src = Path(args.path).resolve()
+    out_dir = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
+    # finished repeats are kept per rank, so --resume skips them (each repeat is self-seeded)
+    partial = out_dir / f".eval_{model}.rank{rank}.partial.json"
+    done = {}
+    if args.resume and partial.exists():
+        prev = json.loads(partial.read_text())
+        if prev.get("config") == config.to_dict():
+            done = {int(k): tuple(v) for k, v in prev["rows"].items()}
+
+    def keep(seed, acc, secs):
+        done[int(seed)] = (acc, secs)
+        art.write_json(partial, {"config": config.to_dict(),
+                                 "rows": {str(k): list(v) for k, v in done.items()}})
+
+    todo = [s for s in mine if s not in done]
+    if todo:
+        evaluate_synset(syn.images, syn.labels, ds, config, seeds=todo,
+                        progress=not args.quiet and rank == 0, on_result=keep)
+    rows = [(s, *done[s]) for s in mine]
     if world > 1:
         import torch.distributed as dist
         gathered = [None] * world
@@ -140,8 +157,6 @@ def _eval_one(args, syn, ds, model, rank, world, device):
         return
     result = EvalResult(model, [r[0] for r in rows], [r[1] for r in rows],
                         [r[2] for r in rows], config.to_dict())
-    src = Path(args.path).resolve()
-    out_dir = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
     record = {**result.to_dict(), "processes": world, "distilled": str(args.path),
               "images": len(syn), "dataset": ds.name}
     art.write_json(out_dir / f"eval_{model}.json", record)
@@ -150,6 +165,8 @@ def _eval_one(args, syn, ds, model, rank, world, device):
         metrics = json.loads(metrics_path.read_text())
         metrics.setdefault("evaluation", {})[model] = record
         art.write_json(metrics_path, metrics)
+    for p in out_dir.glob(f".eval_{model}.rank*.partial.json"):
+        p.unlink()
     print(f"{ds.name} | {syn.meta.get('method', '?')} | {len(syn)} images | "
           f"{result.summary()} | epochs {args.epochs} | seeds {result.seeds}")
 
@@ -229,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--augment", default="dsa", choices=["dsa", "none"])
     e.add_argument("--out", default=None, help="where eval_<model>.json goes (default: beside path)")
+    e.add_argument("--resume", action="store_true", help="skip repeats an interrupted eval finished")
     _common(e)
     e.set_defaults(fn=cmd_eval)
 

@@ -183,3 +183,35 @@ def test_module_entry_point_info():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "kd_loss" in proc.stdout
+
+
+def test_eval_resume_skips_finished_repeats(tmp_path, monkeypatch):
+    import pydistill_ext.evaluation as ev
+    run(["baseline", "--kind", "random", "--dataset", "digits", "--ipc", "2", "--out",
+         str(tmp_path), "--quiet"])
+    args = ["eval", str(tmp_path), "--dataset", "digits", "--model", "convnet-small",
+            "--epochs", "3", "--repeats", "3", "--augment", "dsa", "--quiet"]
+    run(args + ["--out", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "eval_convnet-small.json").read_text())
+
+    real = ev.evaluate_synset
+    calls = []
+
+    def interrupted(*a, on_result=None, seeds=(), **k):
+        calls.append(list(seeds))
+
+        def stop_after_first(seed, acc, secs):
+            on_result(seed, acc, secs)
+            raise KeyboardInterrupt
+        return real(*a, on_result=stop_after_first, seeds=seeds, **k)
+
+    monkeypatch.setattr(ev, "evaluate_synset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(ev, "evaluate_synset",
+                        lambda *a, seeds=(), **k: calls.append(list(seeds)) or real(*a, seeds=seeds, **k))
+    run(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert calls == [[0, 1, 2], [1, 2]]
+    cut = json.loads((tmp_path / "cut" / "eval_convnet-small.json").read_text())
+    assert cut["accuracies"] == whole["accuracies"] and cut["seeds"] == [0, 1, 2]
+    assert not list((tmp_path / "cut").glob(".eval_*partial*"))
