@@ -118,6 +118,7 @@ def cmd_eval(args) -> int:
         _eval_one(args, syn, ds, model, rank, world, device)
     if world > 1:
         import torch.distributed as dist
+        dist.barrier()  # rank 0 has written the results; leave together
         dist.destroy_process_group()
     return 0
 

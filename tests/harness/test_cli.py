@@ -59,8 +59,13 @@ def test_method_list_and_errors(tmp_path, capsys):
 def test_eval_rejects_other_dataset(tmp_path):
     run(["baseline", "--kind", "random", "--dataset", "digits", "--ipc", "1", "--out",
          str(tmp_path), "--quiet"])
-    with pytest.raises(SystemExit, match="digits"):
-        cli.main(["eval", str(tmp_path), "--dataset", "mnist", "--epochs", "1"])
+    import numpy as np
+    gen = np.random.default_rng(0)
+    other = tmp_path / "other.npz"   # same image shape, another dataset
+    np.savez(other, images=gen.integers(0, 255, (40, 8, 8), dtype=np.uint8),
+             labels=np.arange(40) % 10)
+    with pytest.raises(SystemExit, match="'digits', not 'other'"):
+        cli.main(["eval", str(tmp_path), "--dataset", str(other), "--epochs", "1"])
 
 
 class ToyMatch(DistillMethod):
