@@ -42,6 +42,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--runs", default=str(HERE / "runs"))
     p.add_argument("--name", default="harness_table")
+    p.add_argument("--subset-seeds", nargs="+", type=int, default=[0],
+                   help="--seed of `pydistill baseline` (which real subset is drawn)")
     args = p.parse_args(argv)
 
     exe = [sys.executable, "-m", "pydistill_ext.cli"]
@@ -49,15 +51,15 @@ def main(argv=None):
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     for ds in args.datasets:
         for ipc in args.ipcs:
-            for kind in args.kinds:
+            for kind, sseed in [(k, s) for k in args.kinds for s in args.subset_seeds]:
                 key = dict(dataset=ds, ipc=ipc, method=kind, model=args.model,
-                           epochs=args.epochs)
-                if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+                           epochs=args.epochs, subset_seed=sseed)
+                if any(all(r.get(k, 0) == v for k, v in key.items()) for r in rows):
                     continue
-                out = Path(args.runs) / ds / f"{kind}_ipc{ipc}"
+                out = Path(args.runs) / ds / (f"{kind}_ipc{ipc}" + (f"_s{sseed}" if sseed else ""))
                 if not (out / "distilled.safetensors").exists():
                     sh(exe + ["baseline", "--kind", kind, "--dataset", ds, "--ipc", str(ipc),
-                              "--seed", "0", "--out", str(out), "--quiet"])
+                              "--seed", str(sseed), "--out", str(out), "--quiet"])
                 sh(exe + ["eval", str(out / "distilled.safetensors"), "--dataset", ds,
                           "--model", args.model, "--epochs", str(args.epochs),
                           "--repeats", str(args.repeats), "--quiet"])
@@ -74,12 +76,13 @@ def main(argv=None):
 def write_md(rows, path):
     import platform
     import torch
-    lines = ["| dataset | IPC | method | model | accuracy % (mean ± std) | nets (seeds) | "
-             "epochs | paper | s / net |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | IPC | method (subset seed) | model | accuracy % (mean ± std) | "
+             "nets (seeds) | epochs | paper | s / net |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = "" if r.get("paper") is None else f"{r['paper']}"
         ipc = "all" if r["method"] == "full" else r["ipc"]
-        lines.append(f"| {r['dataset']} | {ipc} | {r['method']} | {r['model']} | "
+        method = r["method"] if r["method"] == "full" else f"{r['method']} ({r.get('subset_seed', 0)})"
+        lines.append(f"| {r['dataset']} | {ipc} | {method} | {r['model']} | "
                      f"{r['mean']:.2f} ± {r['std']:.2f} | {len(r['seeds'])} ({r['seeds'][0]}–"
                      f"{r['seeds'][-1]}) | {r['epochs']} | {paper} | {r['seconds_per_net']:.0f} |")
     lines.append("")
