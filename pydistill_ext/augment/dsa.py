@@ -48,7 +48,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DSA_STRATEGIES", "DSA_OPS", "DSA_MODES", "DEFAULT_STRATEGY", "DSAParams", "DSAOp",
+__all__ = ["DSA_STRATEGIES", "DSA_OPS", "DSA_MODES", "DEFAULT_STRATEGY", "DIGIT_STRATEGY",
+           "default_strategy", "DSAParams", "DSAOp",
            "DSATransform", "dsa_params", "dsa_apply", "dsa_augment"]
 
 #: group name -> the ops it runs, in order (the original's ``AUGMENT_FNS``)
@@ -79,6 +80,14 @@ DSA_OPS: tuple[str, ...] = tuple(_OP_KEYS)
 DSA_MODES: tuple[str, ...] = ("single", "all")
 #: the original's ``--dsa_strategy`` default (its digit-dataset runs drop ``flip``)
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+# digits are not mirror-symmetric: the DSA papers drop `flip` for digit datasets (REFERENCE.md 3)
+DIGIT_STRATEGY = "color_crop_cutout_scale_rotate"
+DIGIT_DATASETS = frozenset({"digits", "mnist", "svhn", "usps"})
+
+
+def default_strategy(dataset_name: str) -> str:
+    """The DSA strategy a dataset is augmented with by default: no flip for digit datasets."""
+    return DIGIT_STRATEGY if str(dataset_name).lower() in DIGIT_DATASETS else DEFAULT_STRATEGY
 
 _SEED_LIMIT = 1 << 64
 

@@ -35,7 +35,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     augment: str = "dsa"                      # "dsa" or "none"
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: Optional[str] = None       # None: by dataset (no flip for digit datasets)
     soft_temperature: float = 1.0
     test_batch_size: int = 2000
     device: str = "cpu"
@@ -124,8 +124,9 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, dataset, config: E
                           weight_decay=config.weight_decay)
     augment = None
     if config.augment == "dsa":
-        from pydistill_ext.augment import dsa_augment
+        from pydistill_ext.augment import default_strategy, dsa_augment
         augment = dsa_augment
+        strategy = config.dsa_strategy or default_strategy(dataset.name)
     n = images.shape[0]
     model.train()
     epochs = range(config.epochs)
@@ -142,7 +143,7 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, dataset, config: E
             x, y = images[idx], labels[idx]
             if augment is not None:
                 aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-                x = augment(x, seed=aug_seed, strategy=config.dsa_strategy)
+                x = augment(x, seed=aug_seed, strategy=strategy)
             loss = _batch_loss(model(x), y, config.soft_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -413,3 +413,11 @@ def test_all_ops_covered():
     x = _x(2)
     names = [o.name for o in dsa_params(0, x.shape, mode="all").ops]
     assert sorted(names) == sorted(DSA_OPS)
+
+
+def test_default_strategy_drops_flip_for_digits():
+    from pydistill_ext.augment import DEFAULT_STRATEGY, default_strategy
+    assert "flip" not in default_strategy("mnist").split("_")
+    assert "flip" not in default_strategy("digits").split("_")
+    assert default_strategy("fashion_mnist") == DEFAULT_STRATEGY
+    assert default_strategy("cifar10") == DEFAULT_STRATEGY
