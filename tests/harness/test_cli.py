@@ -220,3 +220,21 @@ def test_eval_resume_skips_finished_repeats(tmp_path, monkeypatch):
     cut = json.loads((tmp_path / "cut" / "eval_convnet-small.json").read_text())
     assert cut["accuracies"] == whole["accuracies"] and cut["seeds"] == [0, 1, 2]
     assert not list((tmp_path / "cut").glob(".eval_*partial*"))
+
+
+def test_zca_sets_evaluate_in_zca_space(tmp_path):
+    from pydistill_ext.data import load_dataset
+    run(["baseline", "--kind", "random", "--dataset", "digits", "--ipc", "2", "--zca",
+         "--out", str(tmp_path), "--quiet"])
+    syn = load_distilled(tmp_path)
+    assert syn.meta["dataset"]["zca"] is True
+    plain = load_dataset("digits")
+    white = load_dataset("digits", zca=True)
+    idx = torch.tensor(syn.meta["indices"])
+    torch.testing.assert_close(syn.images, white.train_images[idx])
+    # un-whitened for viewing: back to the real pixels
+    torch.testing.assert_close(white.to_pixels(syn.images), plain.to_pixels(plain.train_images[idx]),
+                               atol=1e-4, rtol=0)
+    run(["eval", str(tmp_path), "--dataset", "digits", "--model", "convnet-small", "--epochs",
+         "2", "--repeats", "1", "--augment", "none", "--quiet"])
+    assert json.loads((tmp_path / "eval_convnet-small.json").read_text())["images"] == 20
