@@ -2,7 +2,7 @@
 vs the anchors' eager code (python/reference) vs torch.compile of that code, forward and
 forward+backward, side by side in one process (median wall times).
 
-    python -m benchmarks.bench_feature_ops            # the table in results/bench_feature_ops.md
+    python -m benchmarks.bench_feature_ops --threads 1   # results/bench_feature_ops.md
     python -m benchmarks.bench_feature_ops --smoke    # CI: tiny shapes, 1 rep, nothing written
 
 Problems: class_mean on DM's shape (N=2560 embeddings of D=2048, 10 classes; eager = one masked
@@ -74,7 +74,12 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="bench_feature_ops")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (on a 2-core machine shared with other jobs, 1 "
+                        "avoids timing every parallel region at the scheduler's time slice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     reps = 1 if a.smoke else a.reps
     rows = []
     for prob in problems(a.smoke):
@@ -109,8 +114,9 @@ def _line(r):
 
 def _table(rows):
     m = harness.machine()
-    out = [f"Machine: {m['cpu']}, {m['threads']} threads (shared with other jobs: noisy), torch "
-           f"{m['torch']}, at::vec {m['cpu_capability']}. float32, median ms.", "",
+    out = [f"Machine: {m['cpu']}, {m['threads']} thread(s) used (the machine is shared with other "
+           f"jobs: noisy), torch {m['torch']}, at::vec {m['cpu_capability']}. float32, median ms. "
+           f"Command: `python -m benchmarks.bench_feature_ops {' '.join(sys.argv[1:])}`.", "",
            "| op | problem | mode | pydistill ms | eager ms | compile ms | vs eager | vs compile |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:

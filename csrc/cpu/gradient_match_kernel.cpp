@@ -1,6 +1,8 @@
 // CPU kernels of gradient_match_forward / gradient_match_backward:
 // TORCH_LIBRARY_IMPL(pydistill_ext, CPU, m).
 //
+// The closing sums and the per-row coefficients use the scalar host forms in
+// gradient_match.h (a serial loop over the R rows: no small torch ops per call).
 // Math and row plan in csrc/include/pydistill/gradient_match.h: the forward computes per
 // packed row (dot, |a|^2, |b|^2) (ours, cos) or (sum (a-b)^2, 0, 0) (mse), the backward writes
 // every gradient row as a linear combination g_a = c_aa a + c_ab b, g_b = c_ba a + c_bb b of
@@ -99,18 +101,26 @@ void stats_rows(const std::vector<const scalar_t*>& a, const std::vector<const s
 template <typename scalar_t>
 void grad_rows(const std::vector<const scalar_t*>& a, const std::vector<const scalar_t*>& b,
                const std::vector<scalar_t*>& ga, const std::vector<scalar_t*>& gb,
-               const MatchPlan& plan, const at::opmath_type<scalar_t>* coef) {
+               const MatchPlan& plan, const at::opmath_type<scalar_t>* st,
+               at::opmath_type<scalar_t> g) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
+  // cos: one set of coefficients from the totals (summed in row order)
+  opmath_t tot[3] = {0, 0, 0};
+  if (plan.metric == MatchMetric::Cos)
+    for (int64_t r = 0; r < plan.rows(); ++r)
+      for (int i = 0; i < 3; ++i) tot[i] += st[3 * r + i];
   at::parallel_for(0, plan.rows(), grain(plan), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const RowRef ref = locate(plan, r);
       const scalar_t* x = a[ref.t] + ref.start;
       const scalar_t* y = b[ref.t] + ref.start;
+      const opmath_t* s = plan.metric == MatchMetric::Cos ? tot : st + 3 * r;
+      opmath_t coef[4];
+      gradient_match_row_coefficients<opmath_t>(s[0], s[1], s[2], g, plan.metric, coef);
       scalar_t* gx = ga.empty() ? nullptr : ga[ref.t] + ref.start;
       scalar_t* gy = gb.empty() ? nullptr : gb[ref.t] + ref.start;
-      const opmath_t caa = coef[4 * r], cab = coef[4 * r + 1];
-      const opmath_t cba = coef[4 * r + 2], cbb = coef[4 * r + 3];
+      const opmath_t caa = coef[0], cab = coef[1], cba = coef[2], cbb = coef[3];
       int64_t j = 0;
       if constexpr (std::is_same_v<scalar_t, opmath_t>) {
         for (; j + Vec::size() <= ref.len; j += Vec::size()) {
@@ -147,11 +157,14 @@ std::tuple<Tensor, Tensor> gradient_match_forward_cpu(at::TensorList grads_a, at
   const auto dtype = grads_a[0].scalar_type();
   const auto a = contiguous_all(grads_a), b = contiguous_all(grads_b);
   Tensor stats = at::zeros({plan.rows(), 3}, a[0].options().dtype(at::toOpMathType(dtype)));
+  Tensor loss = at::empty({}, stats.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradient_match_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     stats_rows<scalar_t>(ptrs<scalar_t>(a), ptrs<scalar_t>(b), plan, stats.mutable_data_ptr<opmath_t>());
+    *loss.mutable_data_ptr<opmath_t>() =
+        gradient_match_loss_host<opmath_t>(stats.const_data_ptr<opmath_t>(), plan.rows(), plan.metric);
   });
-  return {gradient_match_loss(stats, plan.metric, dtype), stats};
+  return {loss.to(dtype), stats};
 }
 
 std::tuple<std::vector<Tensor>, std::vector<Tensor>> gradient_match_backward_cpu(
@@ -170,13 +183,14 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> gradient_match_backward_cpu
   std::vector<Tensor> ga = need_a ? gradient_match_grad_buffers(a, plan) : std::vector<Tensor>{};
   std::vector<Tensor> gb = need_b ? gradient_match_grad_buffers(b, plan) : std::vector<Tensor>{};
   if (!need_a && !need_b) return {ga, gb};
-  const Tensor coef = gradient_match_coefficients(grad, row_stats.contiguous(), plan.metric);
+  const Tensor st = row_stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gradient_match_bwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<scalar_t*> pa, pb;
     for (auto& t : ga) pa.push_back(t.mutable_data_ptr<scalar_t>());
     for (auto& t : gb) pb.push_back(t.mutable_data_ptr<scalar_t>());
-    grad_rows<scalar_t>(ptrs<scalar_t>(a), ptrs<scalar_t>(b), pa, pb, plan, coef.const_data_ptr<opmath_t>());
+    grad_rows<scalar_t>(ptrs<scalar_t>(a), ptrs<scalar_t>(b), pa, pb, plan, st.const_data_ptr<opmath_t>(),
+                        grad.item<opmath_t>());
   });
   return {ga, gb};
 }

@@ -25,6 +25,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string_view>
 #include <vector>
 
@@ -105,6 +106,40 @@ inline at::Tensor gradient_match_coefficients(const at::Tensor& grad, const at::
   const auto caa = at::where(na > 0, k * nb / na, zero);
   const auto cbb = at::where(nb > 0, k * na / nb, zero);
   return (at::stack({caa, cross, cross, cbb}, 1) * g).expand({R, 4}).contiguous();
+}
+
+// Scalar forms of the two functions above for a host-side loop over the rows (CPU kernels):
+// same formulas, sums in row order.
+template <typename T>
+T gradient_match_loss_host(const T* st, int64_t R, MatchMetric metric) {
+  T acc = 0, dot = 0, a2 = 0, b2 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (metric == MatchMetric::Mse) {
+      acc += st[3 * r];
+    } else if (metric == MatchMetric::Ours) {
+      acc += T(1) - st[3 * r] / (std::sqrt(st[3 * r + 1]) * std::sqrt(st[3 * r + 2]) + T(kMatchEps));
+    } else {
+      dot += st[3 * r], a2 += st[3 * r + 1], b2 += st[3 * r + 2];
+    }
+  }
+  if (metric == MatchMetric::Cos) acc = T(1) - dot / (std::sqrt(a2) * std::sqrt(b2) + T(kMatchEps));
+  return acc;
+}
+
+// g * (c_aa, c_ab, c_ba, c_bb) of one row with statistics (dot, |a|^2, |b|^2).
+template <typename T>
+void gradient_match_row_coefficients(T dot, T a2, T b2, T g, MatchMetric metric, T* c) {
+  if (metric == MatchMetric::Mse) {
+    c[0] = 2 * g, c[1] = -2 * g, c[2] = -2 * g, c[3] = 2 * g;
+    return;
+  }
+  const T na = std::sqrt(a2), nb = std::sqrt(b2);
+  const T D = na * nb + T(kMatchEps);
+  const T k = dot / (D * D);
+  c[0] = na > 0 ? g * k * nb / na : T(0);
+  c[1] = -g / D;
+  c[2] = -g / D;
+  c[3] = nb > 0 ? g * k * na / nb : T(0);
 }
 
 // The gradient buffers: zeros for tensors without rows (1-D under 'ours'), else uninitialised
