@@ -12,10 +12,10 @@ TORCH_LIBRARY_FRAGMENT(pydistill_ext, m) {
 
   // a[n, s] = sum_c |features[n, c, s]|^p over features [N, C, H, W] (s = h * W + w), then
   // out[n] = a[n] / max(||a[n]||_2, eps) (F.normalize). Returns (out [N, H*W] in features'
-  // dtype, norm [N] = ||a[n]||_2 in the compute dtype (float32; float64 for float64)).
+  // dtype, a [N, H*W] in the compute dtype (float32; float64 for float64)).
   m.def("attention_map_forward(Tensor features, float p, float eps) -> (Tensor, Tensor)");
-  // Gradient of sum(grad_out * out) w.r.t. features; norm from the forward (a is recomputed).
-  m.def("attention_map_backward(Tensor grad_out, Tensor features, Tensor norm, float p, "
+  // Gradient of sum(grad_out * out) w.r.t. features, given the forward's a.
+  m.def("attention_map_backward(Tensor grad_out, Tensor features, Tensor a, float p, "
         "float eps) -> Tensor");
 
   // DC's layer-wise gradient-matching distance between two lists of tensors of pairwise

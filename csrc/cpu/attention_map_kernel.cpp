@@ -14,10 +14,10 @@
 // p = 1, 2, 4 have exact power-free paths (DataDAM code, AT, DataDAM paper); other p use pow.
 //
 // Layout: features [N, C, H, W] contiguous, one sample per task (at::parallel_for over N), the
-// spatial row a [H*W] in a per-task scratch in the compute dtype (float; double for float64),
-// inner loops over s vectorised with at::vec for float32/float64. The forward reads x once;
-// the backward reads x twice (recomputes a, then writes the gradient) and keeps nothing but
-// the forward's per-sample norm r.
+// spatial row a [H*W] in the compute dtype (float; double for float64) returned by the forward
+// and kept for the backward (1/C of the features' size in float32), inner loops over s
+// vectorised with at::vec for float32/float64. The forward reads x once; the backward reads
+// x once and writes the gradient (r and <out, g> come from the kept a).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -98,26 +98,25 @@ void channel_pow_sum(const scalar_t* x, int64_t C, int64_t S, const P& pw,
 }
 
 template <typename scalar_t, PowMode M>
-void forward_impl(const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t>* norm, int64_t N,
+void forward_impl(const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t>* a_out, int64_t N,
                   int64_t C, int64_t S, double p, double eps) {
   using opmath_t = at::opmath_type<scalar_t>;
   const Pow<opmath_t, M> pw{static_cast<opmath_t>(p)};
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<opmath_t> a(static_cast<size_t>(S));
     for (int64_t n = n0; n < n1; ++n) {
-      channel_pow_sum<scalar_t>(x + n * C * S, C, S, pw, a.data());
+      opmath_t* a = a_out + n * S;
+      channel_pow_sum<scalar_t>(x + n * C * S, C, S, pw, a);
       opmath_t ss = 0;
       for (int64_t s = 0; s < S; ++s) ss += a[s] * a[s];
       const opmath_t r = std::sqrt(ss);
       const opmath_t inv = opmath_t(1) / std::max(r, static_cast<opmath_t>(eps));
-      norm[n] = r;
       for (int64_t s = 0; s < S; ++s) out[n * S + s] = static_cast<scalar_t>(a[s] * inv);
     }
   });
 }
 
 template <typename scalar_t, PowMode M>
-void backward_impl(const scalar_t* go, const scalar_t* x, const at::opmath_type<scalar_t>* norm,
+void backward_impl(const scalar_t* go, const scalar_t* x, const at::opmath_type<scalar_t>* a_in,
                    scalar_t* gx, int64_t N, int64_t C, int64_t S, double p, double eps) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
@@ -127,8 +126,10 @@ void backward_impl(const scalar_t* go, const scalar_t* x, const at::opmath_type<
     for (int64_t n = n0; n < n1; ++n) {
       const scalar_t* xn = x + n * C * S;
       const scalar_t* gn = go + n * S;
-      channel_pow_sum<scalar_t>(xn, C, S, pw, a.data());
-      const opmath_t r = norm[n];
+      std::copy(a_in + n * S, a_in + (n + 1) * S, a.begin());
+      opmath_t ss = 0;
+      for (int64_t s = 0; s < S; ++s) ss += a[s] * a[s];
+      const opmath_t r = std::sqrt(ss);  // the forward's norm, bitwise (same sum order)
       // a <- dL/da (in place)
       if (r >= static_cast<opmath_t>(eps)) {
         const opmath_t inv = opmath_t(1) / r;
@@ -170,36 +171,31 @@ std::tuple<Tensor, Tensor> attention_map_forward_cpu(const Tensor& features, dou
   const Tensor x = features.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2) * x.size(3);
   Tensor out = at::empty({N, S}, x.options());
-  Tensor norm = at::empty({N}, x.options().dtype(at::toOpMathType(x.scalar_type())));
-  if (N == 0) return {out, norm};
+  Tensor a = at::empty({N, S}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (N == 0) return {out, a};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     with_pow_mode(p, [&](auto mode) {
       forward_impl<scalar_t, decltype(mode)::value>(x.const_data_ptr<scalar_t>(),
                                                     out.mutable_data_ptr<scalar_t>(),
-                                                    norm.mutable_data_ptr<opmath_t>(), N, C, S, p, eps);
+                                                    a.mutable_data_ptr<opmath_t>(), N, C, S, p, eps);
     });
   });
-  return {out, norm};
+  return {out, a};
 }
 
-Tensor attention_map_backward_cpu(const Tensor& grad_out, const Tensor& features, const Tensor& norm,
+Tensor attention_map_backward_cpu(const Tensor& grad_out, const Tensor& features, const Tensor& a,
                                   double p, double eps) {
   check_attention_map_args(features, p, eps);
   const int64_t N = features.size(0), C = features.size(1);
   const int64_t S = features.size(2) * features.size(3);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == S,
               "pydistill_ext: grad_out must be [N, H*W] = [", N, ", ", S, "], got ", grad_out.sizes());
-  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == N, "pydistill_ext: norm must be [N] = [", N,
-              "], got ", norm.sizes());
-  const auto op_dtype = at::toOpMathType(features.scalar_type());
-  TORCH_CHECK(norm.scalar_type() == op_dtype, "pydistill_ext: norm must be ", op_dtype, ", got ",
-              norm.scalar_type());
+  check_attention_map_saved(a, features, N, S);
   check_same_device(features, "features", grad_out, "grad_out");
-  check_same_device(features, "features", norm, "norm");
   const Tensor x = features.contiguous();
   const Tensor g = grad_out.to(x.scalar_type()).contiguous();
-  const Tensor r = norm.contiguous();
+  const Tensor r = a.contiguous();
   Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map_bwd_cpu", [&] {

@@ -9,10 +9,10 @@
 //
 // Layout: one CTA of 256 threads per sample (grid-stride over samples). Threads stride over
 // the spatial index s (coalesced: consecutive s are consecutive addresses for every channel),
-// each sums its columns over the channels; the spatial row a is kept in a global workspace
-// [N, H*W] in the compute dtype (float; double for float64) because H*W may exceed shared
-// memory. The block reductions (sum a^2; <a, g>) are warp shuffles + one shared-memory round
-// in a fixed order: deterministic. Forward reads x once; backward reads x twice.
+// each sums its columns over the channels; the spatial row a [N, H*W] (compute dtype: float;
+// double for float64) is an output of the forward, kept for the backward. The block
+// reductions (sum a^2; <a, g>) are warp shuffles + one shared-memory round in a fixed order:
+// deterministic. Forward reads x once; backward reads x once (+ a, g) and writes the gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -71,7 +71,6 @@ __device__ T block_sum(T v, T* shared) {
 
 template <typename scalar_t>
 __global__ void attention_map_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                                         at::opmath_type<scalar_t>* __restrict__ norm,
                                          at::opmath_type<scalar_t>* __restrict__ work, int64_t N,
                                          int64_t C, int64_t S, at::opmath_type<scalar_t> p, int mode,
                                          at::opmath_type<scalar_t> eps) {
@@ -91,13 +90,12 @@ __global__ void attention_map_fwd_kernel(const scalar_t* __restrict__ x, scalar_
     const opmath_t inv = opmath_t(1) / (r > eps ? r : eps);
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x)
       out[n * S + s] = static_cast<scalar_t>(an[s] * inv);
-    if (threadIdx.x == 0) norm[n] = r;
   }
 }
 
 template <typename scalar_t>
 __global__ void attention_map_bwd_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
-                                         const at::opmath_type<scalar_t>* __restrict__ norm,
+                                         const at::opmath_type<scalar_t>* __restrict__ a_in,
                                          scalar_t* __restrict__ gx,
                                          at::opmath_type<scalar_t>* __restrict__ work, int64_t N,
                                          int64_t C, int64_t S, at::opmath_type<scalar_t> p, int mode,
@@ -108,21 +106,20 @@ __global__ void attention_map_bwd_kernel(const scalar_t* __restrict__ go, const 
     const scalar_t* xn = x + n * C * S;
     const scalar_t* gn = go + n * S;
     opmath_t* an = work + n * S;
-    const opmath_t r = norm[n];
-    opmath_t dot = 0;  // <a, g>
+    opmath_t dot = 0, ss = 0;  // <a, g>, |a|^2
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-      opmath_t a = 0;
-      for (int64_t c = 0; c < C; ++c) a += abs_pow(static_cast<opmath_t>(xn[c * S + s]), p, mode);
-      an[s] = a;
+      const opmath_t a = a_in[n * S + s];
       dot += a * static_cast<opmath_t>(gn[s]);
+      ss += a * a;
     }
     dot = block_sum(dot, shared);
+    const opmath_t r = ::sqrt(block_sum(ss, shared));  // the forward's norm (same order)
     const bool proj = r >= eps;
     const opmath_t inv = opmath_t(1) / (proj ? r : eps);
     const opmath_t dot_hat = dot * inv;  // <out, g>
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
       const opmath_t g = static_cast<opmath_t>(gn[s]);
-      an[s] = proj ? (g - an[s] * inv * dot_hat) * inv : g * inv;  // dL/da_s
+      an[s] = proj ? (g - a_in[n * S + s] * inv * dot_hat) * inv : g * inv;  // dL/da_s
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < C * S; i += blockDim.x) {
@@ -147,45 +144,39 @@ std::tuple<Tensor, Tensor> attention_map_forward_cuda(const Tensor& features, do
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2) * x.size(3);
   const auto op_dtype = at::toOpMathType(x.scalar_type());
   Tensor out = at::empty({N, S}, x.options());
-  Tensor norm = at::empty({N}, x.options().dtype(op_dtype));
-  if (N == 0) return {out, norm};
-  Tensor work = at::empty({N, S}, x.options().dtype(op_dtype));
+  Tensor a = at::empty({N, S}, x.options().dtype(op_dtype));
+  if (N == 0) return {out, a};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     attention_map_fwd_kernel<scalar_t><<<blocks_for(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), norm.mutable_data_ptr<opmath_t>(),
-        work.mutable_data_ptr<opmath_t>(), N, C, S, static_cast<opmath_t>(p), mode_of(p),
-        static_cast<opmath_t>(eps));
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), a.mutable_data_ptr<opmath_t>(),
+        N, C, S, static_cast<opmath_t>(p), mode_of(p), static_cast<opmath_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, norm};
+  return {out, a};
 }
 
-Tensor attention_map_backward_cuda(const Tensor& grad_out, const Tensor& features, const Tensor& norm,
+Tensor attention_map_backward_cuda(const Tensor& grad_out, const Tensor& features, const Tensor& a,
                                    double p, double eps) {
   check_attention_map_args(features, p, eps);
   const int64_t N = features.size(0), C = features.size(1);
   const int64_t S = features.size(2) * features.size(3);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == S,
               "pydistill_ext: grad_out must be [N, H*W] = [", N, ", ", S, "], got ", grad_out.sizes());
-  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == N, "pydistill_ext: norm must be [N] = [", N,
-              "], got ", norm.sizes());
-  const auto op_dtype = at::toOpMathType(features.scalar_type());
-  TORCH_CHECK(norm.scalar_type() == op_dtype, "pydistill_ext: norm must be ", op_dtype, ", got ",
-              norm.scalar_type());
+  check_attention_map_saved(a, features, N, S);
   check_same_device(features, "features", grad_out, "grad_out");
-  check_same_device(features, "features", norm, "norm");
+  const auto op_dtype = at::toOpMathType(features.scalar_type());
   c10::cuda::CUDAGuard guard(features.device());
   const Tensor x = features.contiguous();
   const Tensor g = grad_out.to(x.scalar_type()).contiguous();
-  const Tensor r = norm.contiguous();
+  const Tensor a_c = a.contiguous();
   Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return gx;
   Tensor work = at::empty({N, S}, x.options().dtype(op_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map_bwd_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     attention_map_bwd_kernel<scalar_t><<<blocks_for(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), r.const_data_ptr<opmath_t>(),
+        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), a_c.const_data_ptr<opmath_t>(),
         gx.mutable_data_ptr<scalar_t>(), work.mutable_data_ptr<opmath_t>(), N, C, S,
         static_cast<opmath_t>(p), mode_of(p), static_cast<opmath_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

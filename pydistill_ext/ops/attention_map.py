@@ -1,9 +1,9 @@
 """attention_map_forward / attention_map_backward: fake kernels, autograd and the public
 function attention_map.
 
-Autograd: the forward keeps the features and the per-sample norm ||a|| (4 or 8 bytes per
-sample); the registered backward op recomputes a = sum_c |f|^p from the features (one read)
-and writes the gradient in one more pass (closed form in csrc/cpu/attention_map_kernel.cpp).
+Autograd: the forward keeps the features and the unnormalised map a = sum_c |f|^p [N, H*W] in
+the compute dtype (1/C of the features in float32); the registered backward op reads the
+features once and writes the gradient (closed form in csrc/cpu/attention_map_kernel.cpp).
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ def _compute_dtype(dtype):
 def _forward_fake(features, p, eps):
     n, _, h, w = features.shape
     return (features.new_empty((n, h * w)),
-            features.new_empty((n,), dtype=_compute_dtype(features.dtype)))
+            features.new_empty((n, h * w), dtype=_compute_dtype(features.dtype)))
 
 
 @torch.library.register_fake("pydistill_ext::attention_map_backward")
-def _backward_fake(grad_out, features, norm, p, eps):
+def _backward_fake(grad_out, features, a, p, eps):
     return torch.empty_like(features, memory_format=torch.contiguous_format)
 
 
@@ -39,11 +39,11 @@ def _setup_context(ctx, inputs, output):
     ctx.p, ctx.eps = p, eps
 
 
-def _backward(ctx, grad_out, _grad_norm):
+def _backward(ctx, grad_out, _grad_a):
     if grad_out is None or not ctx.needs_input_grad[0]:
         return None, None, None
-    features, norm = ctx.saved_tensors
-    return ops.attention_map_backward(grad_out.contiguous(), features, norm, ctx.p, ctx.eps), None, None
+    features, a = ctx.saved_tensors
+    return ops.attention_map_backward(grad_out.contiguous(), features, a, ctx.p, ctx.eps), None, None
 
 
 torch.library.register_autograd("pydistill_ext::attention_map_forward", _backward,

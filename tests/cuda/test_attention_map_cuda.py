@@ -64,8 +64,8 @@ def test_eps_branch_and_zero_sample():
 def test_opcheck_and_compile():
     x = _inputs((3, 5, 4, 3), torch.float32).cuda()
     torch.library.opcheck(FWD.default, (x.clone().requires_grad_(), 4.0, 1e-12))
-    out, norm = FWD(x, 4.0, 1e-12)
-    torch.library.opcheck(BWD.default, (torch.randn_like(out), x, norm, 4.0, 1e-12))
+    out, a = FWD(x, 4.0, 1e-12)
+    torch.library.opcheck(BWD.default, (torch.randn_like(out), x, a, 4.0, 1e-12))
     f = lambda a: pde.attention_map(a, p=2.0).pow(2).sum()
     cf = torch.compile(f, fullgraph=True)
     a1, a2 = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -119,8 +119,8 @@ def test_opcheck():
     x = _inputs((3, 5, 4, 3), torch.float32)
     for p in (1.0, 4.0, 0.5):
         torch.library.opcheck(FWD.default, (x.clone().requires_grad_(), p, 1e-12))
-        out, norm = FWD(x, p, 1e-12)
-        torch.library.opcheck(BWD.default, (torch.randn_like(out), x, norm, p, 1e-12))
+        out, a = FWD(x, p, 1e-12)
+        torch.library.opcheck(BWD.default, (torch.randn_like(out), x, a, p, 1e-12))
 
 
 def test_torch_compile_fullgraph():
@@ -167,10 +167,12 @@ def test_native_op_checks_its_arguments():
         FWD(x, -2.0, 1e-12)
     with pytest.raises(RuntimeError, match="eps must be finite"):
         FWD(x, 2.0, -1.0)
-    out, norm = FWD(x, 2.0, 1e-12)
+    out, a = FWD(x, 2.0, 1e-12)
+    assert a.shape == (2, 16) and a.dtype == torch.float32
+    torch.testing.assert_close(a, x.pow(2).sum(1).flatten(1))
     with pytest.raises(RuntimeError, match="grad_out must be \\[N, H\\*W\\]"):
-        BWD(out[:, :3], x, norm, 2.0, 1e-12)
-    with pytest.raises(RuntimeError, match="norm must be \\[N\\]"):
-        BWD(out, x, norm[:1], 2.0, 1e-12)
-    with pytest.raises(RuntimeError, match="norm must be Float"):
-        BWD(out, x, norm.double(), 2.0, 1e-12)
+        BWD(out[:, :3], x, a, 2.0, 1e-12)
+    with pytest.raises(RuntimeError, match="a must be \\[N, H\\*W\\]"):
+        BWD(out, x, a[:1], 2.0, 1e-12)
+    with pytest.raises(RuntimeError, match="a must be Float"):
+        BWD(out, x, a.double(), 2.0, 1e-12)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <cmath>
 #include <string_view>
 
@@ -32,6 +33,17 @@ inline void check_attention_map_args(const at::Tensor& features, double p, doubl
   TORCH_CHECK(std::isfinite(p) && p > 0.0, "pydistill_ext: p must be finite and > 0, got ", p);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "pydistill_ext: eps must be finite and >= 0, got ",
               eps);
+}
+
+// The forward's a [N, H*W] (compute dtype) given to attention_map_backward.
+inline void check_attention_map_saved(const at::Tensor& a, const at::Tensor& features, int64_t N,
+                                      int64_t S) {
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == N && a.size(1) == S, "pydistill_ext: a must be [N, H*W] = [",
+              N, ", ", S, "], got ", a.sizes());
+  const auto op_dtype = at::toOpMathType(features.scalar_type());
+  TORCH_CHECK(a.scalar_type() == op_dtype, "pydistill_ext: a must be ", op_dtype, " (the compute "
+              "dtype of features), got ", a.scalar_type());
+  check_same_device(features, "features", a, "a");
 }
 
 enum class MatchMetric { Ours, Mse, Cos };
