@@ -2,7 +2,8 @@
 vs the anchors' eager code (python/reference) vs torch.compile of that code, forward and
 forward+backward, side by side in one process (median wall times).
 
-    python -m benchmarks.bench_feature_ops --threads 1   # results/bench_feature_ops.md
+    THP_MEM_ALLOC_ENABLE=1 python -m benchmarks.bench_feature_ops --threads 1 --reps 15
+                                                       # results/bench_feature_ops.{json,md}
     python -m benchmarks.bench_feature_ops --smoke    # CI: tiny shapes, 1 rep, nothing written
 
 Problems: class_mean on DM's shape (N=2560 embeddings of D=2048, 10 classes; eager = one masked
@@ -115,7 +116,9 @@ def _line(r):
 def _table(rows):
     m = harness.machine()
     out = [f"Machine: {m['cpu']}, {m['threads']} thread(s) used (the machine is shared with other "
-           f"jobs: noisy), torch {m['torch']}, at::vec {m['cpu_capability']}. float32, median ms. "
+           f"jobs: noisy), torch {m['torch']}, at::vec {m['cpu_capability']}, THP_MEM_ALLOC_ENABLE "
+           f"{m['THP_MEM_ALLOC_ENABLE'] or 'unset'} (unset: page faults of each fresh gradient "
+           f"buffer, ~12 ms per 32 MB here, dominate fwd+bwd of every variant). float32, median ms. "
            f"Command: `python -m benchmarks.bench_feature_ops {' '.join(sys.argv[1:])}`.", "",
            "| op | problem | mode | pydistill ms | eager ms | compile ms | vs eager | vs compile |",
            "|---|---|---|---|---|---|---|---|"]
