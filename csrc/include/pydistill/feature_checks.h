@@ -1,0 +1,75 @@
+// Argument checks of the feature-level ops (class_mean, attention_map, gradient_match),
+// shared by the CPU and CUDA backends. Every message names the argument; every check runs
+// before any kernel work.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <cmath>
+#include <string_view>
+
+#include "pydistill/checks.h"
+
+namespace pydistill {
+
+inline void check_class_mean_args(const at::Tensor& features, const at::Tensor& labels,
+                                  int64_t num_classes) {
+  check_floating(features, "features");
+  TORCH_CHECK(features.dim() == 2, "pydistill_ext: features must be [N, D], got shape ",
+              features.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "pydistill_ext: labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0),
+              "pydistill_ext: labels must be [N] with N = features.size(0) = ", features.size(0),
+              ", got shape ", labels.sizes());
+  check_same_device(features, "features", labels, "labels");
+  TORCH_CHECK(num_classes >= 0, "pydistill_ext: num_classes must be >= 0, got ", num_classes);
+}
+
+inline void check_attention_map_args(const at::Tensor& features, double p, double eps) {
+  check_floating(features, "features");
+  TORCH_CHECK(features.dim() == 4, "pydistill_ext: features must be [N, C, H, W], got shape ",
+              features.sizes());
+  TORCH_CHECK(std::isfinite(p) && p > 0.0, "pydistill_ext: p must be finite and > 0, got ", p);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "pydistill_ext: eps must be finite and >= 0, got ",
+              eps);
+}
+
+// The forward's a [N, H*W] (compute dtype) given to attention_map_backward.
+inline void check_attention_map_saved(const at::Tensor& a, const at::Tensor& features, int64_t N,
+                                      int64_t S) {
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == N && a.size(1) == S, "pydistill_ext: a must be [N, H*W] = [",
+              N, ", ", S, "], got ", a.sizes());
+  const auto op_dtype = at::toOpMathType(features.scalar_type());
+  TORCH_CHECK(a.scalar_type() == op_dtype, "pydistill_ext: a must be ", op_dtype, " (the compute "
+              "dtype of features), got ", a.scalar_type());
+  check_same_device(features, "features", a, "a");
+}
+
+enum class MatchMetric { Ours, Mse, Cos };
+
+inline MatchMetric parse_match_metric(std::string_view metric) {
+  if (metric == "ours") return MatchMetric::Ours;
+  if (metric == "mse") return MatchMetric::Mse;
+  if (metric == "cos") return MatchMetric::Cos;
+  TORCH_CHECK(false, "pydistill_ext: metric must be 'ours', 'mse' or 'cos', got '", metric, "'");
+}
+
+// Pairwise equal shapes, one floating dtype and one device for all tensors of both lists.
+inline void check_gradient_match_args(at::TensorList a, at::TensorList b) {
+  TORCH_CHECK(a.size() == b.size(), "pydistill_ext: grads_a and grads_b must have the same "
+              "length, got ", a.size(), " and ", b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    check_floating(a[i], "grads_a[i]");
+    TORCH_CHECK(a[i].sizes() == b[i].sizes(), "pydistill_ext: grads_b[", i, "] shape ",
+                b[i].sizes(), " must equal grads_a[", i, "] shape ", a[i].sizes());
+    TORCH_CHECK(a[i].scalar_type() == a[0].scalar_type() &&
+                    b[i].scalar_type() == a[0].scalar_type(),
+                "pydistill_ext: grads_a[", i, "] / grads_b[", i, "] dtype ", a[i].scalar_type(),
+                " / ", b[i].scalar_type(), " must equal grads_a[0] dtype ", a[0].scalar_type());
+    check_same_device(a[0], "grads_a[0]", a[i], "grads_a[i]");
+    check_same_device(a[0], "grads_a[0]", b[i], "grads_b[i]");
+  }
+}
+
+}  // namespace pydistill
