@@ -74,6 +74,14 @@ def list_methods() -> List[str]:
     return sorted(_REGISTRY)
 
 
+# modules whose import registers built-in methods (a method issue adds its module here)
+BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc")
+
+
 def _load_builtin():
-    # importing the modules registers their methods
-    from pydistill_ext.methods import baselines  # noqa: F401
+    import importlib
+    import importlib.util
+    for name in BUILTIN_MODULES:
+        mod = f"pydistill_ext.methods.{name}"
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
