@@ -1,0 +1,175 @@
+"""DM: "Dataset Condensation with Distribution Matching" (Zhao & Bilen, WACV 2023).
+
+Each iteration draws a freshly initialised, frozen network ψ (ConvNet-3 by default), a real
+batch of ``batch_real`` images per class and the synthetic set, augments both with the SAME
+DSA seed (Siamese augmentation), and minimises
+
+    L = sum_c || mean_{x in real_c} ψ(A(x)) - mean_{s in syn_c} ψ(A(s)) ||^2
+
+(REFERENCE.md 3, DM) with SGD on the synthetic images (lr_img = 1.0, momentum 0.5, real
+initialisation, 20000 iterations: the paper's defaults).
+
+Difference from the original loop (`main_DM.py`, non-BN branch): the original embeds class by
+class (two forwards per class) with one DSA seed per class. Here every class goes through ONE
+forward per side and the class means come from one fused ``pde.class_mean`` per side
+(:func:`pydistill_ext.losses.matching.dm_loss`); consequently one DSA seed (one augmentation)
+is shared by all classes in an iteration instead of one per class. The objective per seed is
+the same; the augmentation is drawn less often.
+
+All randomness (network seeds, real batches, DSA seeds, noise init) comes from the method's
+own ``torch.Generator``, which is part of ``state_dict()``: resume is bitwise exact.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from pydistill_ext.artifacts import DistilledSet
+from pydistill_ext.augment.dsa import default_strategy, dsa_augment
+from pydistill_ext.losses.matching import dm_loss
+from pydistill_ext.methods.base import DistillMethod, register_method
+from pydistill_ext.models import get_model
+
+_SEED_HIGH = 2 ** 31 - 1
+
+
+class MatchingMethod(DistillMethod):
+    """Shared machinery of DM and DataDAM: synthetic images initialised from real samples
+    (or noise), an SGD(momentum 0.5) optimiser on them, a generator for all randomness, a
+    fresh frozen network per iteration, Siamese DSA, class-balanced real batches."""
+
+    defaults: Dict[str, Any] = {}
+    options = {"lr_img": float, "batch_real": int, "init": str, "model": str, "dsa": bool}
+
+    def __init__(self, dataset, ipc, seed, device="cpu", **options):
+        super().__init__(dataset, ipc, seed, device, **options)
+        hp = {**self.defaults, **options}
+        hp["lr_img"], hp["batch_real"] = float(hp["lr_img"]), int(hp["batch_real"])
+        hp["dsa"] = _as_bool(hp["dsa"])
+        if hp["init"] not in ("real", "noise"):
+            raise ValueError(f"init must be 'real' or 'noise', got {hp['init']!r}")
+        if hp["batch_real"] < 1:
+            raise ValueError(f"batch_real must be >= 1, got {hp['batch_real']}")
+        if not hp["lr_img"] > 0:
+            raise ValueError(f"lr_img must be > 0, got {hp['lr_img']}")
+        self.hp = hp
+        self.strategy = default_strategy(dataset.name)
+        self.num_classes = dataset.num_classes
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.class_indices = dataset.indices_per_class()
+        empty = [c for c, idx in enumerate(self.class_indices) if len(idx) == 0]
+        if empty:
+            raise ValueError(f"{self.name}: classes {empty} have no training images")
+        self.labels = torch.arange(self.num_classes).repeat_interleave(ipc)
+        if hp["init"] == "real":
+            init = torch.cat([dataset.train_images[self._sample(c, ipc)]
+                              for c in range(self.num_classes)])
+        else:
+            init = torch.randn(self.num_classes * ipc, dataset.channels, *dataset.im_size,
+                               generator=self.gen)
+        self.images = init.detach().clone().float().to(self.device).requires_grad_(True)
+        self.opt = torch.optim.SGD([self.images], lr=hp["lr_img"], momentum=0.5)
+        self._labels_dev = self.labels.to(self.device)
+
+    # ------------------------------------------------------------------ randomness
+    def _sample(self, c: int, n: int) -> torch.Tensor:
+        """n indices of class c without replacement (all of them if the class is smaller);
+        with replacement only if n exceeds the class size for init."""
+        idx = self.class_indices[c]
+        if n <= len(idx):
+            return idx[torch.randperm(len(idx), generator=self.gen)[:n]]
+        return idx[torch.randint(0, len(idx), (n,), generator=self.gen)]
+
+    def _draw_seed(self) -> int:
+        return int(torch.randint(0, _SEED_HIGH, (1,), generator=self.gen))
+
+    def _real_batch(self):
+        b = self.hp["batch_real"]
+        idx, lab = [], []
+        for c in range(self.num_classes):
+            i = self.class_indices[c]
+            take = i[torch.randperm(len(i), generator=self.gen)[:b]]
+            idx.append(take)
+            lab.append(torch.full((len(take),), c, dtype=torch.int64))
+        idx = torch.cat(idx)
+        return (self.dataset.train_images[idx].to(self.device),
+                torch.cat(lab).to(self.device))
+
+    def _fresh_net(self):
+        net = get_model(self.hp["model"], self.dataset.channels, self.num_classes,
+                        self.dataset.im_size, seed=self._draw_seed()).to(self.device)
+        net.train()
+        net.requires_grad_(False)
+        return net
+
+    def _augment(self, x_real, x_syn):
+        if not self.hp["dsa"]:
+            return x_real, x_syn
+        s = self._draw_seed()
+        return (dsa_augment(x_real, seed=s, strategy=self.strategy),
+                dsa_augment(x_syn, seed=s, strategy=self.strategy))
+
+    # ------------------------------------------------------------------ contract
+    def objective(self, net, x_real, y_real, x_syn) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, iteration: int) -> Dict[str, float]:
+        net = self._fresh_net()
+        x_real, y_real = self._real_batch()
+        x_real, x_syn = self._augment(x_real, self.images)
+        loss = self.objective(net, x_real, y_real, x_syn)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {"loss": float(loss.detach())}
+
+    def synthetic_set(self) -> DistilledSet:
+        meta = {"method": self.name, "hyperparameters": {**self.hp, "dsa_strategy":
+                                                         self.strategy if self.hp["dsa"] else None,
+                                                         "momentum": 0.5, **self._extra_meta()}}
+        return DistilledSet(self.images.detach().cpu().clone(), self.labels.clone(), meta)
+
+    def _extra_meta(self) -> Dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"images": self.images.detach().cpu().clone(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.lower() in ("1", "true", "yes", "on")
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ValueError(f"expected a boolean, got {v!r}")
+
+
+def dm_objective(net, x_real, y_real, x_syn, y_syn, num_classes) -> torch.Tensor:
+    """DM's loss for one network: one embedding forward per side (the real one without a
+    graph), class means by one ``class_mean`` each (``dm_loss``)."""
+    with torch.no_grad():
+        emb_real = net.embed(x_real)
+    return dm_loss(emb_real, y_real, net.embed(x_syn), y_syn, num_classes)
+
+
+@register_method
+class DM(MatchingMethod):
+    name = "dm"
+    description = ("Distribution Matching (Zhao & Bilen, WACV 2023): class-mean embeddings of "
+                   "random frozen ConvNets, Siamese DSA")
+    default_iterations = 20000
+    defaults = {"lr_img": 1.0, "batch_real": 256, "init": "real", "model": "convnet",
+                "dsa": True}
+
+    def objective(self, net, x_real, y_real, x_syn):
+        return dm_objective(net, x_real, y_real, x_syn, self._labels_dev, self.num_classes)
