@@ -138,12 +138,13 @@ class HintLoss(nn.Module):
         if f_t.shape[1] != self.teacher_channels:
             raise ValueError(f"f_t has {f_t.shape[1]} channels but the regressor outputs "
                              f"teacher_channels={self.teacher_channels}")
+        mismatch = f_s.shape[-2:] != f_t.shape[-2:]  # the regressor keeps H×W
+        if mismatch and self.spatial == "error":
+            raise ValueError(
+                f"f_s is {tuple(f_s.shape[-2:])} spatially but f_t is {tuple(f_t.shape[-2:])}; "
+                "pass spatial='adaptive_pool' to pool the regressed student map")
         r = self.regressor(f_s)
-        if r.shape[-2:] != f_t.shape[-2:]:
-            if self.spatial == "error":
-                raise ValueError(
-                    f"f_s is {tuple(f_s.shape[-2:])} spatially but f_t is {tuple(f_t.shape[-2:])}; "
-                    "pass spatial='adaptive_pool' to pool the regressed student map")
+        if mismatch:
             r = F.adaptive_avg_pool2d(r, f_t.shape[-2:])
         return hint_loss(r, f_t, self.reduction, self.half)
 
