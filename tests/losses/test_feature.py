@@ -135,6 +135,18 @@ def test_attention_transfer_matches_oracle(mode, p, dtype):
              ins, dtype)
 
 
+def test_attention_transfer_code_mode_equals_the_authors_channel_mean_formula():
+    """szagoruyko/attention-transfer: at(x) = l2_normalize(x.pow(2).mean(1).view(B, -1)),
+    at_loss = (at(x) - at(y)).pow(2).mean(); the channel mean vs sum cancels."""
+    f_s, f_t = _randn((4, 3, 5, 5), 0), _randn((4, 7, 5, 5), 1)
+
+    def at(x):
+        return F.normalize(x.pow(2).mean(1).view(x.shape[0], -1))
+
+    want = (at(f_s) - at(f_t)).pow(2).mean()
+    _close(fl.attention_transfer_loss(f_s, f_t), want, torch.float64)
+
+
 def test_attention_transfer_module_weights_code_beta_paper_half_beta():
     f_s, f_t = _randn((4, 3, 5, 5), 0), _randn((4, 7, 5, 5), 1)
     code = fl.AttentionTransferLoss(beta=1e3)(f_s, f_t)
@@ -253,6 +265,20 @@ def test_rkd_errors():
         fl.RKDLoss()(torch.randn(3, 4), torch.randn(4, 4))
     with pytest.raises(TypeError, match="f_t must be a torch.Tensor"):
         fl.rkd_angle_loss(torch.randn(3, 4), [1.0, 2.0])
+
+
+def test_low_precision_hint_and_attention_transfer():
+    r, u = _randn((3, 4, 5, 5), 0).bfloat16(), _randn((3, 4, 5, 5), 1).bfloat16()
+    got = fl.hint_loss(r, u)
+    assert got.dtype == torch.float32
+    want = ref.hint_loss(r.double(), u.double())
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    # the attention maps themselves come back in bfloat16 (8 bits of mantissa)
+    f_s, f_t = _randn((3, 4, 5, 5), 2).bfloat16(), _randn((3, 6, 5, 5), 3).bfloat16()
+    got = fl.attention_transfer_loss(f_s, f_t, mode="paper")
+    want = ref.attention_transfer_loss(f_s.double(), f_t.double(), mode="paper")
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= 2e-2 * abs(want.item())
 
 
 def test_low_precision_inputs_are_computed_in_float32():
