@@ -33,7 +33,7 @@ import torch
 
 from pydistill_ext.losses.matching import attention_match_loss, dm_loss
 from pydistill_ext.methods.base import register_method
-from pydistill_ext.methods.dm import MatchingMethod
+from pydistill_ext.methods.dm import REAL_CHUNK, MatchingMethod, cpu_layout
 from pydistill_ext.models.convnet import ConvNet
 
 
@@ -51,12 +51,26 @@ def maps_and_embedding(net, x) -> Tuple[List[torch.Tensor], torch.Tensor]:
     return maps, net.embed(x)
 
 
+def _real_side(net, x_real, n_att, chunk=REAL_CHUNK):
+    """Block activations (first ``n_att``) and embedding of the real batch, without a graph,
+    in chunks of ``chunk`` rows (channels-last on the CPU)."""
+    maps, embs = [[] for _ in range(n_att)], []
+    with torch.no_grad():
+        for c in x_real.split(chunk):
+            m, e = maps_and_embedding(net, cpu_layout(c))
+            for lst, t in zip(maps, m):
+                lst.append(t)
+            embs.append(e)
+    return [torch.cat(lst) for lst in maps], torch.cat(embs)
+
+
 def datadam_objective(net, x_real, y_real, x_syn, y_syn, num_classes, p=1.0,
                       task_balance=0.01) -> torch.Tensor:
-    with torch.no_grad():
-        maps_r, emb_r = maps_and_embedding(net, x_real)
-    maps_s, emb_s = maps_and_embedding(net, x_syn)
-    n_att = max(len(maps_r) - 1, 0)
+    """DataDAM's loss for one network (module docstring): one pass per side (the real one
+    chunked, without a graph), fused attention maps and class means."""
+    maps_s, emb_s = maps_and_embedding(net, cpu_layout(x_syn))
+    n_att = max(len(maps_s) - 1, 0)
+    maps_r, emb_r = _real_side(net, x_real, n_att)
     loss = 100.0 * task_balance * dm_loss(emb_r, y_real, emb_s, y_syn, num_classes)
     if n_att:
         loss = loss + 100.0 * attention_match_loss(maps_r[:n_att], y_real, maps_s[:n_att], y_syn,

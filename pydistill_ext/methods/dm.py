@@ -154,12 +154,31 @@ def _as_bool(v) -> bool:
     raise ValueError(f"expected a boolean, got {v!r}")
 
 
-def dm_objective(net, x_real, y_real, x_syn, y_syn, num_classes) -> torch.Tensor:
-    """DM's loss for one network: one embedding forward per side (the real one without a
-    graph), class means by one ``class_mean`` each (``dm_loss``)."""
+#: rows per forward of the real side (no graph): large enough for the conv kernels, small
+#: enough for the activations to stay in cache (CPU, ConvNet-3 at 32x32: 128 is ~1.4x faster
+#: than one forward of 2,560 rows)
+REAL_CHUNK = 128
+
+
+def cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on the CPU (oneDNN's convolutions and the norm / pool kernels are faster
+    in NHWC there, ~1.3x for ConvNet-3); unchanged elsewhere."""
+    if x.dim() == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def embed_real(net, x_real: torch.Tensor, chunk: int = REAL_CHUNK) -> torch.Tensor:
+    """``net.embed`` of the real batch without an autograd graph, in chunks of ``chunk`` rows."""
     with torch.no_grad():
-        emb_real = net.embed(x_real)
-    return dm_loss(emb_real, y_real, net.embed(x_syn), y_syn, num_classes)
+        return torch.cat([net.embed(cpu_layout(c)) for c in x_real.split(chunk)])
+
+
+def dm_objective(net, x_real, y_real, x_syn, y_syn, num_classes) -> torch.Tensor:
+    """DM's loss for one network: the real side embedded without a graph (chunked), the
+    synthetic side in one forward, class means by one ``class_mean`` per side (``dm_loss``)."""
+    return dm_loss(embed_real(net, x_real), y_real, net.embed(cpu_layout(x_syn)), y_syn,
+                   num_classes)
 
 
 @register_method

@@ -103,3 +103,15 @@ def test_cli_end_to_end(tmp_path):
     assert hp["p"] == 4.0 and hp["dsa"] is False and hp["dsa_strategy"] is None
     assert syn.meta["method"] == "datadam"
     assert len(json.loads((out / "metrics.json").read_text())["history"]["loss"]) == 2
+
+
+def test_chunked_real_side_equals_one_pass():
+    from pydistill_ext.methods.datadam import _real_side
+    net = get_model("convnet", 3, 10, (16, 16), seed=4).requires_grad_(False)
+    x = torch.randn(19, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps, emb = _real_side(net, x, 2, chunk=5)
+    want_maps, want_emb = maps_and_embedding(net, x)
+    assert len(maps) == 2
+    for a, b in zip(maps, want_maps[:2]):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb, want_emb.detach(), rtol=1e-4, atol=1e-5)

@@ -108,3 +108,12 @@ def test_cli_end_to_end(tmp_path):
     assert hp["lr_img"] == 0.5 and hp["batch_real"] == 8 and hp["momentum"] == 0.5
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]["loss"]) == 3
+
+
+def test_chunked_channels_last_real_embedding_equals_one_forward():
+    from pydistill_ext.methods.dm import embed_real
+    net = get_model("convnet", 3, 10, (16, 16), seed=3).requires_grad_(False)
+    x = torch.randn(23, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    got = embed_real(net, x, chunk=7)
+    assert got.shape == (23, net.num_feat) and not got.requires_grad
+    torch.testing.assert_close(got, net.embed(x).detach(), rtol=1e-4, atol=1e-5)
