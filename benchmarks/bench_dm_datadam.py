@@ -105,8 +105,12 @@ def run_problem(pr, reps):
     # same loss and same first update first (a benchmark of a wrong step is worthless)
     la, lb = ours(), eager()
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(state["pydistill"][0].detach(), state["eager"][0].detach(),
-                               rtol=1e-4, atol=1e-4)
+    # the first updates agree up to float32 summation order (channels-last convolutions):
+    # relative L2 error of the image update
+    d_ours = state["pydistill"][0].detach() - pr["syn0"]
+    d_eager = state["eager"][0].detach() - pr["syn0"]
+    rel = float((d_ours - d_eager).norm() / d_eager.norm())
+    assert rel < 1e-3, f"{pr['method']}: updates differ (relative L2 {rel:.2e})"
     res = {"pydistill": harness.median_time(ours, reps, warmup=1),
            "eager": harness.median_time(eager, reps, warmup=1)}
     rows.append(dict(method=pr["method"], part="iteration", shape=pr["shape"],
