@@ -92,7 +92,7 @@ def test_step_loss_is_the_anchor_loss_of_its_batches(digits, monkeypatch, name):
             assert len(set(rows[:, 1].tolist())) == 32
     ref = dc_matching_loss(net.double(), [r.double() for r in reals],
                            [s.double() for s in syns], "ours")
-    assert out["loss"] == pytest.approx(float(ref) / 10, rel=1e-4)
+    assert out["loss"] == pytest.approx(float(ref.detach()) / 10, rel=1e-4)
     assert not torch.equal(m.images.detach(), before)      # the images were updated
 
 
