@@ -186,13 +186,9 @@ std::tuple<Tensor, Tensor> attention_map_forward_cpu(const Tensor& features, dou
 
 Tensor attention_map_backward_cpu(const Tensor& grad_out, const Tensor& features, const Tensor& a,
                                   double p, double eps) {
-  check_attention_map_args(features, p, eps);
+  check_attention_map_backward_args(grad_out, features, a, p, eps);
   const int64_t N = features.size(0), C = features.size(1);
   const int64_t S = features.size(2) * features.size(3);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == S,
-              "pydistill_ext: grad_out must be [N, H*W] = [", N, ", ", S, "], got ", grad_out.sizes());
-  check_attention_map_saved(a, features, N, S);
-  check_same_device(features, "features", grad_out, "grad_out");
   const Tensor x = features.contiguous();
   const Tensor g = grad_out.to(x.scalar_type()).contiguous();
   const Tensor r = a.contiguous();

@@ -172,13 +172,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> gradient_match_backward_cpu
     std::string_view metric, bool need_a, bool need_b) {
   const MatchPlan plan = plan_gradient_match(grads_a, grads_b, metric);
   const auto dtype = grads_a[0].scalar_type();
-  TORCH_CHECK(grad.numel() == 1, "pydistill_ext: grad must hold one value, got ", grad.numel());
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == plan.rows() && row_stats.size(1) == 3,
-              "pydistill_ext: row_stats must be [", plan.rows(), ", 3], got ", row_stats.sizes());
-  TORCH_CHECK(row_stats.scalar_type() == at::toOpMathType(dtype), "pydistill_ext: row_stats must be ",
-              at::toOpMathType(dtype), ", got ", row_stats.scalar_type());
-  check_same_device(grads_a[0], "grads_a[0]", grad, "grad");
-  check_same_device(grads_a[0], "grads_a[0]", row_stats, "row_stats");
+  check_gradient_match_backward_args(grad, grads_a[0], row_stats, plan.rows());
   const auto a = contiguous_all(grads_a), b = contiguous_all(grads_b);
   std::vector<Tensor> ga = need_a ? gradient_match_grad_buffers(a, plan) : std::vector<Tensor>{};
   std::vector<Tensor> gb = need_b ? gradient_match_grad_buffers(b, plan) : std::vector<Tensor>{};

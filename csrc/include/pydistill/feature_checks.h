@@ -46,6 +46,32 @@ inline void check_attention_map_saved(const at::Tensor& a, const at::Tensor& fea
   check_same_device(features, "features", a, "a");
 }
 
+// Everything attention_map_backward receives: the forward's arguments, grad_out [N, H*W] and
+// the saved a.
+inline void check_attention_map_backward_args(const at::Tensor& grad_out, const at::Tensor& features,
+                                              const at::Tensor& a, double p, double eps) {
+  check_attention_map_args(features, p, eps);
+  const int64_t N = features.size(0), S = features.size(2) * features.size(3);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == S,
+              "pydistill_ext: grad_out must be [N, H*W] = [", N, ", ", S, "], got ", grad_out.sizes());
+  check_attention_map_saved(a, features, N, S);
+  check_same_device(features, "features", grad_out, "grad_out");
+}
+
+// grad (one value) and the forward's row_stats [rows, 3] (compute dtype) given to
+// gradient_match_backward.
+inline void check_gradient_match_backward_args(const at::Tensor& grad, const at::Tensor& ref,
+                                               const at::Tensor& row_stats, int64_t rows) {
+  TORCH_CHECK(grad.numel() == 1, "pydistill_ext: grad must hold one value, got ", grad.numel());
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == rows && row_stats.size(1) == 3,
+              "pydistill_ext: row_stats must be [", rows, ", 3], got ", row_stats.sizes());
+  TORCH_CHECK(row_stats.scalar_type() == at::toOpMathType(ref.scalar_type()),
+              "pydistill_ext: row_stats must be ", at::toOpMathType(ref.scalar_type()), ", got ",
+              row_stats.scalar_type());
+  check_same_device(ref, "grads_a[0]", grad, "grad");
+  check_same_device(ref, "grads_a[0]", row_stats, "row_stats");
+}
+
 enum class MatchMetric { Ours, Mse, Cos };
 
 inline MatchMetric parse_match_metric(std::string_view metric) {
