@@ -3,6 +3,7 @@
     pydistill distill  --method NAME --dataset NAME --ipc N [--seed S] [--iterations K] --out DIR [--resume]
     pydistill baseline --kind random|herding|full --dataset NAME --ipc N [--seed S] --out DIR
     pydistill eval     DIR/distilled.safetensors --dataset NAME [--model convnet] [--epochs E] [--repeats R]
+    pydistill squeeze  --dataset NAME [--model convnet-bn] [--epochs E] --out DIR [--resume]
     pydistill kd       --teacher digit-recognizer --student convnet-small --dataset mnist [--epochs E]
     pydistill bench    [OPS...]
     pydistill info
@@ -87,6 +88,18 @@ def cmd_baseline(args) -> int:
     m = run_distill(args.kind, ds, ipc=args.ipc or 1, seed=args.seed, iterations=0,
                     out_dir=args.out, progress=not args.quiet, device=args.device)
     print(f"wrote {Path(args.out) / art.DISTILLED_FILE} ({m['images']} images)")
+    return 0
+
+
+def cmd_squeeze(args) -> int:
+    from pydistill_ext.methods.squeeze import train_teacher
+    ds = _load_dataset(args, zca=args.zca)
+    r = train_teacher(ds, model=args.model, epochs=args.epochs, lr=args.lr,
+                      batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+                      device=args.device, resume=args.resume, progress=not args.quiet,
+                      train_subset=args.train_subset)
+    print(f"wrote {r['path']}: {args.model} on {ds.name}, test accuracy "
+          f"{100 * r['test_accuracy']:.2f} % ({r['seconds']:.0f} s)")
     return 0
 
 
@@ -252,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="skip repeats an interrupted eval finished")
     _common(e)
     e.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("squeeze", help="train a BatchNorm teacher for data-free synthesis")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--model", default="convnet-bn")
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--lr", type=float, default=0.05)
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--train-subset", type=int, default=None)
+    q.add_argument("--zca", action="store_true")
+    q.add_argument("--out", required=True)
+    q.add_argument("--resume", action="store_true")
+    _common(q)
+    q.set_defaults(fn=cmd_squeeze)
 
     k = sub.add_parser("kd", help="knowledge distillation of a teacher into a student")
     k.add_argument("--teacher", default="digit-recognizer")

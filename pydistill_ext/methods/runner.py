@@ -80,6 +80,8 @@ def run_distill(method_name: str, dataset, *, ipc: int, seed: int = 0,
 
     torch_threads = torch.get_num_threads()
     method = cls(dataset, ipc, seed, device, **options)
+    if hasattr(method, "set_total_iterations"):  # methods with a schedule over the run
+        method.set_total_iterations(iterations)
     start, history, elapsed = 0, {"iteration": []}, 0.0
     if resume and ckpt_path.exists():
         ck = art.load_checkpoint(ckpt_path)
