@@ -75,7 +75,7 @@ def list_methods() -> List[str]:
 
 
 # modules whose import registers built-in methods (a method issue adds its module here)
-BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc", "bn_synthesis")
+BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc", "bn_synthesis", "zeroq")
 
 
 def _load_builtin():
