@@ -20,7 +20,8 @@ when other convs sit in between).
 Optimisation as the anchor: Adam (lr 0.5, default betas), ``ReduceLROnPlateau(patience=100,
 min_lr=1e-4)`` stepped on each batch's total loss, 500 iterations, one batch at a time
 (``batch_size``, the anchor's default 32). The set holds ``ipc * num_classes`` images (ZeroQ
-images have no class; ``ipc`` only sizes the set), split into batches that are optimised
+images have no class; ``ipc`` only sizes the set; option ``images`` sets the count directly,
+e.g. ZeroQ's num_batch x batch_size), split into batches that are optimised
 independently (own BN statistics, own optimiser and scheduler, in lockstep). No pixel clipping,
 no augmentation (as the anchor).
 
@@ -72,9 +73,9 @@ class ZeroQ(DistillMethod):
                    "input mean/std, no labels; calibrates post-training quantization")
     default_iterations = 500
     options = {"teacher": str, "lr": float, "batch_size": int, "patience": int,
-               "min_lr": float, "init": str}
+               "min_lr": float, "init": str, "images": int}
     _defaults = {"teacher": None, "lr": 0.5, "batch_size": 32, "patience": 100,
-                 "min_lr": 1e-4, "init": "gaussian"}
+                 "min_lr": 1e-4, "init": "gaussian", "images": None}
 
     def __init__(self, dataset, ipc, seed, device="cpu", **options):
         super().__init__(dataset, ipc, seed, device, **options)
@@ -83,6 +84,8 @@ class ZeroQ(DistillMethod):
             hp[k] = float(hp[k])
             if not (hp[k] > 0 and math.isfinite(hp[k])):
                 raise ValueError(f"option {k} must be a finite number > 0, got {hp[k]}")
+        if hp["images"] is not None and (int(hp["images"]) != hp["images"] or int(hp["images"]) < 1):
+            raise ValueError(f"option images must be an integer >= 1, got {hp['images']!r}")
         for k in ("batch_size", "patience"):
             if int(hp[k]) != hp[k] or int(hp[k]) < (1 if k == "batch_size" else 0):
                 raise ValueError(f"option {k} must be an integer >= "
@@ -106,7 +109,7 @@ class ZeroQ(DistillMethod):
                              "load the dataset without ZCA")
         self.matcher = BNStatMatcher(self.teacher, variant="zeroq")
         self.gen = torch.Generator().manual_seed(self.seed)
-        n = ipc * dataset.num_classes
+        n = ipc * dataset.num_classes if hp["images"] is None else int(hp["images"])
         shape = (dataset.channels, *dataset.im_size)
         bs = hp["batch_size"]
         self.images: List[torch.Tensor] = []

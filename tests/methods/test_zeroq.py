@@ -62,11 +62,13 @@ def test_registered():
 def test_loss_equals_anchor_formula(digits, teacher_dir):
     m = get_method("zeroq")(digits, 1, 0, teacher=str(teacher_dir), batch_size=7)
     assert [x.shape[0] for x in m.images] == [7, 3]
+    m2 = get_method("zeroq")(digits, 1, 0, teacher=str(teacher_dir), batch_size=32, images=64)
+    assert [x.shape[0] for x in m2.images] == [32, 32]
     x = m.images[0]
     total, bn, inp = m.batch_loss(x)
     want = _anchor_loss(m.teacher, x.detach())
     assert float(total.detach()) == pytest.approx(float(want), rel=1e-5)
-    assert float(inp) == pytest.approx(float(zeroq_input_loss(x.detach())), rel=1e-6)
+    assert float(inp.detach()) == pytest.approx(float(zeroq_input_loss(x.detach())), rel=1e-6)
     # the gradient is the anchor's too
     g = torch.autograd.grad(total, x)[0]
     xa = x.detach().clone().requires_grad_(True)
@@ -128,6 +130,7 @@ def test_resume_is_exact(digits, teacher_dir, tmp_path):
     ({"batch_size": 0}, "batch_size"),
     ({"lr": 0.0}, "lr"),
     ({"patience": -1}, "patience"),
+    ({"images": 0}, "images"),
     ({"cheese": 1}, "no option"),
 ])
 def test_bad_options(digits, teacher_dir, opts, match):
