@@ -4,6 +4,7 @@
     pydistill baseline --kind random|herding|full --dataset NAME --ipc N [--seed S] --out DIR
     pydistill eval     DIR/distilled.safetensors --dataset NAME [--model convnet] [--epochs E] [--repeats R]
     pydistill squeeze  --dataset NAME [--model convnet-bn] [--epochs E] --out DIR [--resume]
+    pydistill quantize --teacher DIR --dataset NAME --calibration DIR/distilled.safetensors|real|noise [--weight-bits 8] [--act-bits 8]
     pydistill kd       --teacher digit-recognizer --student convnet-small --dataset mnist [--epochs E]
     pydistill bench    [OPS...]
     pydistill info
@@ -100,6 +101,37 @@ def cmd_squeeze(args) -> int:
                       train_subset=args.train_subset)
     print(f"wrote {r['path']}: {args.model} on {ds.name}, test accuracy "
           f"{100 * r['test_accuracy']:.2f} % ({r['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from pydistill_ext.evaluation.protocol import test_accuracy
+    from pydistill_ext.methods.squeeze import load_teacher
+    from pydistill_ext.quant import quantize_model
+    ds = _load_dataset(args)
+    net = load_teacher(args.teacher, device=args.device)
+    shape = (ds.channels, *ds.im_size)
+    if args.calibration == "real":
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(ds.train_images.shape[0], generator=g)[:args.images]
+        cal = ds.train_images[idx]
+    elif args.calibration == "noise":
+        cal = torch.randn(args.images, *shape, generator=torch.Generator().manual_seed(args.seed))
+    else:
+        cal = art.load_distilled(args.calibration).images[:args.images]
+    q = quantize_model(net, cal, weight_bits=args.weight_bits or None,
+                       act_bits=args.act_bits or None, per_channel=not args.per_tensor,
+                       act_clip=args.act_clip, percentile=args.percentile,
+                       fold_bn=not args.no_fold_bn, quantize_input=args.quantize_input)
+    fp = test_accuracy(net, ds.test_images, ds.test_labels, device=args.device)
+    acc = test_accuracy(q, ds.test_images, ds.test_labels, device=args.device)
+    result = {"teacher": str(args.teacher), "dataset": ds.name, "calibration": args.calibration,
+              "seed": args.seed, **q.quant_config, "fp32_accuracy": fp, "quantized_accuracy": acc}
+    print(f"{ds.name}: fp32 {100 * fp:.2f} %, W{args.weight_bits}A{args.act_bits} "
+          f"({args.act_clip}, calibrated on {q.quant_config['calibration_images']} "
+          f"{args.calibration} images) {100 * acc:.2f} %")
+    if args.out:
+        art.write_json(Path(args.out), result)
     return 0
 
 
@@ -279,6 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true")
     _common(q)
     q.set_defaults(fn=cmd_squeeze)
+
+    qz = sub.add_parser("quantize", help="post-training quantization of a teacher, calibrated on "
+                                         "a distilled set (e.g. zeroq), real images or noise")
+    qz.add_argument("--teacher", required=True, help="DIR from `pydistill squeeze`")
+    qz.add_argument("--dataset", required=True)
+    qz.add_argument("--calibration", required=True,
+                    help="DIR/distilled.safetensors, or 'real' / 'noise' (--images of them)")
+    qz.add_argument("--images", type=int, default=64)
+    qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument("--weight-bits", type=int, default=8, help="0 = float weights")
+    qz.add_argument("--act-bits", type=int, default=8, help="0 = float activations")
+    qz.add_argument("--per-tensor", action="store_true", help="one weight scale per layer")
+    qz.add_argument("--act-clip", default="minmax", choices=["minmax", "percentile", "mse"])
+    qz.add_argument("--percentile", type=float, default=99.99)
+    qz.add_argument("--no-fold-bn", action="store_true")
+    qz.add_argument("--quantize-input", action="store_true")
+    qz.add_argument("--out", default=None, help="write the result as JSON here")
+    _common(qz)
+    qz.set_defaults(fn=cmd_quantize)
 
     k = sub.add_parser("kd", help="knowledge distillation of a teacher into a student")
     k.add_argument("--teacher", default="digit-recognizer")

@@ -160,3 +160,12 @@ def test_cli_distill_then_calibrate(digits, teacher_dir, tmp_path):
     q8 = test_accuracy(quantize_model(net, syn.images, weight_bits=8, act_bits=8),
                        digits.test_images, digits.test_labels)
     assert q8 >= fp - 0.02
+    # the same through `pydistill quantize`
+    out = tmp_path / "q.json"
+    assert cli_main(["quantize", "--teacher", str(teacher_dir), "--dataset", "digits",
+                     "--calibration", str(tmp_path / "d" / "distilled.safetensors"),
+                     "--weight-bits", "8", "--act-bits", "8", "--out", str(out), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert r["quantized_accuracy"] == pytest.approx(q8) and r["calibration_images"] == 20
+    assert cli_main(["quantize", "--teacher", str(teacher_dir), "--dataset", "digits",
+                     "--calibration", "noise", "--weight-bits", "1", "--quiet"]) == 2
