@@ -108,7 +108,7 @@ def main(argv=None):
     from pydistill_ext.data import load_dataset
     from pydistill_ext.evaluation.protocol import test_accuracy
     from pydistill_ext.methods.squeeze import load_teacher
-    from pydistill_ext.quant import quantize_model
+    from pydistill_ext.quant import QuantLayer, quantize_model
 
     RUNS.mkdir(parents=True, exist_ok=True)
     cells_path = RUNS / "cells.json"
@@ -146,8 +146,11 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     q = quantize_model(net, images, **parse_config(c))
                     acc = test_accuracy(q, ds.test_images, ds.test_labels)
+                    ranges = [[round(m.act.lo, 4), round(m.act.hi, 4)] for m in q.modules()
+                              if isinstance(m, QuantLayer) and m.act is not None]
                     cells[f"{name}|{c}|{source}|{args.images}|{seed}"] = {
-                        "acc": acc, "seconds": round(time.perf_counter() - t0, 1), **info}
+                        "acc": acc, "seconds": round(time.perf_counter() - t0, 1),
+                        "act_ranges": ranges, **info}
                     save()
                     log(f"  {name} {c:18s} {source:6s} seed {seed}: {100 * acc:.2f} %")
     write_results(cells, configs, args, pde)
@@ -194,6 +197,15 @@ def write_results(cells, configs, args, pde):
             rows.append({"dataset": name, "config": k[1], "images": k[2], "fp32": 100 * fp["acc"],
                          **{s: t.get(s, []) for s in SOURCES}})
         md.append("")
+        rng = {s: cells.get(f"{name}|W8A8|{s}|{args.images}|0", {}).get("act_ranges") for s in SOURCES}
+        if all(rng.values()):
+            md += ["Calibrated activation ranges [lo, hi] of the quantized layer inputs (W8A8, "
+                   "min-max, seed 0; the image input stays float):", "",
+                   "| layer input | ZeroQ | real | noise |", "|---|---|---|---|"]
+            for i in range(len(rng["real"])):
+                md.append(f"| {i + 2} | " + " | ".join(
+                    f"[{rng[s][i][0]:.3g}, {rng[s][i][1]:.3g}]" for s in SOURCES) + " |")
+            md.append("")
     impl = getattr(pde, "bn_moments", None)
     impl_name = f"{impl.__module__}.{impl.__name__}" if impl is not None else "missing"
     distill = {k: v for k, v in cells.items() if "distill_seconds" in v}
