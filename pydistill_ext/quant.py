@@ -354,7 +354,7 @@ def quantize_model(model: nn.Module, calibration_images: Union[torch.Tensor, Seq
     device = next(qmodel.parameters()).device
     wrappers: List[QuantLayer] = []
     for name, layer in targets:
-        act = ActQuantizer(act_bits, act_clip, percentile) if act_bits is not None else None
+        act = ActQuantizer(act_bits, act_clip, percentile).to(device) if act_bits is not None else None
         q = QuantLayer(layer, weight_bits, per_channel, act)
         _set_submodule(qmodel, name, q)
         wrappers.append(q)
@@ -365,7 +365,8 @@ def quantize_model(model: nn.Module, calibration_images: Union[torch.Tensor, Seq
 
     def pre_hook(mod, inputs):
         x = inputs[0]
-        if x.data_ptr() == current["ptr"] and x.shape == current["shape"]:
+        # the input itself or a view of it (e.g. flattened for an MLP)
+        if x.data_ptr() == current["ptr"] and x.numel() == current["numel"]:
             fed_by_input.add(id(mod))
 
     handles = [w.register_forward_pre_hook(pre_hook) for w in wrappers]
@@ -373,7 +374,7 @@ def quantize_model(model: nn.Module, calibration_images: Union[torch.Tensor, Seq
         with torch.no_grad():
             for b in batches:
                 b = b.to(device).contiguous()
-                current["ptr"], current["shape"] = b.data_ptr(), b.shape
+                current["ptr"], current["numel"] = b.data_ptr(), b.numel()
                 qmodel(b)
     finally:
         for h in handles:

@@ -241,6 +241,14 @@ def test_weight_only_equals_manual(teacher, digits):
         torch.testing.assert_close(q(x), folded(x))
 
 
+def test_flattened_input_counts_as_the_image():
+    net = get_model("mlp", 1, 10, (8, 8), seed=0).eval()
+    x = torch.randn(16, 1, 8, 8, generator=_gen(9))
+    q = quantize_model(net, x)
+    layers = [m for m in q.modules() if isinstance(m, QuantLayer)]
+    assert len(layers) >= 2 and layers[0].act is None and all(l.act is not None for l in layers[1:])
+
+
 def test_no_fold_keeps_bn(teacher, digits):
     q = quantize_model(teacher, digits.train_images[:8], fold_bn=False)
     assert any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
