@@ -181,7 +181,8 @@ def write_results(cells, configs, args, pde):
         if not keys or fp is None:
             continue
         md += [f"## {name} (teacher convnet-bn, fp32 {100 * fp['acc']:.2f} %)", "",
-               "| config | images | ZeroQ | real | noise | ZeroQ − real |", "|---|---|---|---|---|---|"]
+               "| config | images | ZeroQ | real | noise | ZeroQ − real | ZeroQ − noise |",
+               "|---|---|---|---|---|---|---|"]
         for k in keys:
             t = table[k]
 
@@ -191,9 +192,11 @@ def write_results(cells, configs, args, pde):
                     return "–"
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 return f"{statistics.mean(v):.2f} ± {sd:.2f} (n={len(v)})"
-            diff = (statistics.mean(t["zeroq"]) - statistics.mean(t["real"])
-                    if t.get("zeroq") and t.get("real") else float("nan"))
-            md.append(f"| {k[1]} | {k[2]} | {fmt('zeroq')} | {fmt('real')} | {fmt('noise')} | {diff:+.2f} |")
+            def diff(a, b):
+                return (statistics.mean(t[a]) - statistics.mean(t[b])
+                        if t.get(a) and t.get(b) else float("nan"))
+            md.append(f"| {k[1]} | {k[2]} | {fmt('zeroq')} | {fmt('real')} | {fmt('noise')} | "
+                      f"{diff('zeroq', 'real'):+.2f} | {diff('zeroq', 'noise'):+.2f} |")
             rows.append({"dataset": name, "config": k[1], "images": k[2], "fp32": 100 * fp["acc"],
                          **{s: t.get(s, []) for s in SOURCES}})
         md.append("")
