@@ -4,6 +4,7 @@
     pydistill baseline --kind random|herding|full --dataset NAME --ipc N [--seed S] --out DIR
     pydistill eval     DIR/distilled.safetensors --dataset NAME [--model convnet] [--epochs E] [--repeats R]
     pydistill squeeze  --dataset NAME [--model convnet-bn] [--epochs E] --out DIR [--resume]
+    pydistill relabel  DIR/distilled.safetensors --teacher DIR --dataset NAME --epochs E --batch-size B --k K --out DIR [--repeats R]
     pydistill quantize --teacher DIR --dataset NAME --calibration DIR/distilled.safetensors|real|noise [--weight-bits 8] [--act-bits 8]
     pydistill kd       --teacher digit-recognizer --student convnet-small --dataset mnist [--epochs E]
     pydistill bench    [OPS...]
@@ -244,6 +245,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_relabel(args) -> int:
+    """SRe2L / FKD relabel of a set with a squeeze teacher, soft labels stored as top-k fp16
+    logits (pydistill_ext.relabel); --repeats R also trains R students on it (SRe2L validate)."""
+    from pydistill_ext.augment import default_strategy
+    from pydistill_ext.methods.squeeze import load_teacher
+    from pydistill_ext.relabel import relabel, save_relabel, train_on_relabel
+    dset = art.load_distilled(args.path)
+    teacher = load_teacher(args.teacher, device=args.device)
+    flip = args.flip if args.flip is not None else "flip" in default_strategy(args.dataset)
+    rs = relabel(dset.images, teacher, epochs=args.epochs, batch_size=args.batch_size, k=args.k,
+                 seed=args.seed, crop_scale=tuple(args.crop_scale), flip=flip, mix=args.mix,
+                 value_dtype=args.value_dtype, device=args.device, progress=not args.quiet)
+    path = save_relabel(args.out, rs)
+    sb = rs.storage_bytes()
+    result = {"relabel": str(path), "storage": sb, "file_bytes": os.path.getsize(path)}
+    print(f"wrote {path}: {sb['crops']} crops, soft labels {sb['soft_labels']} B "
+          f"({sb['soft_labels_per_crop']:g} B/crop, {100 * sb['ratio_vs_dense_fp32']:.1f} % of "
+          f"dense fp32), augmentation record {sb['augmentation']} B")
+    if args.repeats:
+        ds = _load_dataset(args)
+        accs = []
+        for r in range(args.repeats):
+            out = train_on_relabel(rs, dset.images, args.model, ds, temperature=args.temperature,
+                                   seed=args.seed + r, device=args.device)
+            accs.append(out["test_accuracy"])
+            print(f"student {args.model} seed {args.seed + r}: {100 * accs[-1]:.2f} %")
+        result.update({"model": args.model, "temperature": args.temperature, "accuracies": accs})
+    art.write_json(Path(path).parent / "relabel.json", result)
+    return 0
+
+
 def cmd_info(args) -> int:
     from pydistill_ext.info import report
     print(report())
@@ -311,6 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true")
     _common(q)
     q.set_defaults(fn=cmd_squeeze)
+
+    rl = sub.add_parser("relabel", help="SRe2L/FKD relabel: top-k fp16 soft labels of every "
+                                        "replayed crop (and optionally train students on them)")
+    rl.add_argument("path", help="DIR/distilled.safetensors (or DIR)")
+    rl.add_argument("--teacher", required=True, help="DIR from `pydistill squeeze`")
+    rl.add_argument("--dataset", required=True)
+    rl.add_argument("--epochs", type=int, required=True, help="relabelled epochs (= student epochs)")
+    rl.add_argument("--batch-size", type=int, default=100)
+    rl.add_argument("--k", type=int, required=True, help="logits kept per crop (classes = dense)")
+    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0])
+    rl.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: no flip for digit datasets")
+    rl.add_argument("--mix", default=None, choices=["cutmix", "mixup"])
+    rl.add_argument("--value-dtype", default="float16", choices=["float16", "float32"])
+    rl.add_argument("--repeats", type=int, default=0, help="students to train on it (0: none)")
+    rl.add_argument("--model", default="convnet")
+    rl.add_argument("--temperature", type=float, default=1.0)
+    rl.add_argument("--out", required=True)
+    _common(rl)
+    rl.set_defaults(fn=cmd_relabel)
 
     qz = sub.add_parser("quantize", help="post-training quantization of a teacher, calibrated on "
                                          "a distilled set (e.g. zeroq), real images or noise")

@@ -502,7 +502,7 @@ def _replay_train(images, dataset, model_name: str, plan, *, epochs: int, batch_
 
 
 def train_on_relabel(rs: RelabelSet, images: torch.Tensor, student_model_name: str, dataset, *,
-                     temperature: float = 4.0, lr: float = 1e-3, weight_decay: float = 0.01,
+                     temperature: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.01,
                      seed: int = 0, device="cpu", history: Optional[Dict] = None,
                      progress: bool = False) -> Dict[str, Any]:
     """Train a fresh ``student_model_name`` on the replayed crops of ``rs`` against its stored
@@ -548,7 +548,7 @@ def train_online(images: torch.Tensor, teacher: torch.nn.Module, student_model_n
                  dataset, *, epochs: int, batch_size: int, relabel_seed: int,
                  crop_scale: Tuple[float, float] = (0.08, 1.0),
                  crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                 mix: Optional[str] = None, mix_alpha: float = 1.0, temperature: float = 4.0,
+                 mix: Optional[str] = None, mix_alpha: float = 1.0, temperature: float = 1.0,
                  lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0,
                  device="cpu", history: Optional[Dict] = None,
                  progress: bool = False) -> Dict[str, Any]:

@@ -382,3 +382,31 @@ def test_student_learns_from_topk_labels():
     hard = R.train_hard(x, y, "convnet", d, epochs=8, batch_size=20, relabel_seed=0,
                         crop_scale=(0.8, 1.0), flip=False, seed=0)
     assert hard["test_accuracy"] > 0.6
+
+
+# ------------------------------------------------------------------------------- CLI
+
+def test_cli_relabel(tmp_path, capsys):
+    import json
+    from pydistill_ext import artifacts as art
+    from pydistill_ext.cli import main
+    from pydistill_ext.data import load_dataset
+    from pydistill_ext.methods.squeeze import train_teacher
+    d = load_dataset("digits")
+    train_teacher(d, epochs=1, train_subset=64, seed=0, out_dir=tmp_path / "teacher")
+    art.save_distilled(tmp_path / "set" / art.DISTILLED_FILE,
+                       art.DistilledSet(d.train_images[:20], d.train_labels[:20]))
+    argv = ["relabel", str(tmp_path / "set"), "--teacher", str(tmp_path / "teacher"),
+            "--dataset", "digits", "--epochs", "2", "--batch-size", "8", "--k", "3",
+            "--out", str(tmp_path / "rl"), "--repeats", "1", "--quiet"]
+    assert main(argv) == 0
+    rs = R.load_relabel(tmp_path / "rl")
+    assert rs.k == 3 and rs.epochs == 2 and rs.num_images == 20
+    assert "flip" not in rs.plan  # digits: no flip by default
+    info = json.loads((tmp_path / "rl" / "relabel.json").read_text())
+    assert info["storage"]["soft_labels"] == 2 * 20 * 3 * 3
+    assert len(info["accuracies"]) == 1 and 0 <= info["accuracies"][0] <= 1
+    capsys.readouterr()
+    bad = [a if a != "3" else "11" for a in argv[:-3]]  # --k 11, no students
+    assert main(bad) == 2
+    assert "k=11 exceeds the teacher's 10 classes" in capsys.readouterr().err
