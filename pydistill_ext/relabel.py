@@ -60,8 +60,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RelabelSet", "make_plan", "replay_batch", "relabel", "train_on_relabel",
-           "train_online", "train_hard", "save_relabel", "load_relabel", "index_dtype",
+__all__ = ["RelabelSet", "make_plan", "replay_batch", "crop_resize", "relabel",
+           "train_on_relabel", "train_online", "train_hard", "save_relabel", "load_relabel",
+           "plan_digest", "index_dtype",
            "RELABEL_FILE"]
 
 RELABEL_FILE = "relabel.safetensors"
@@ -339,8 +340,31 @@ class RelabelSet:
                 "total_ratio_vs_dense_fp32_plus_augmentation": (labels + aug) / (dense32 + aug)}
 
 
-def save_relabel(path, rs: RelabelSet) -> Path:
-    """Write ``rs`` as safetensors (atomically); ``path`` may be a directory."""
+def plan_digest(plan: Dict[str, torch.Tensor]) -> str:
+    """sha256 over the plan's tensors (names, dtypes, shapes, bytes)."""
+    import hashlib
+    h = hashlib.sha256()
+    for key in sorted(plan):
+        t = plan[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _plan_from_meta(meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    return make_plan(meta["num_images"], meta["image_size"], epochs=meta["epochs"],
+                     batch_size=meta["batch_size"], seed=meta["seed"],
+                     crop_scale=tuple(meta["crop_scale"]), crop_ratio=tuple(meta["crop_ratio"]),
+                     flip=meta["flip"], mix=meta["mix"], mix_alpha=meta["mix_alpha"])
+
+
+def save_relabel(path, rs: RelabelSet, *, store_plan: bool = True) -> Path:
+    """Write ``rs`` as safetensors (atomically); ``path`` may be a directory.
+
+    ``store_plan=False`` writes the soft labels only: the augmentation plan is a deterministic
+    function of the seed and settings in the metadata, so :func:`load_relabel` regenerates it
+    and checks it against the stored sha256 (a different torch version could draw other
+    numbers; loading then fails loudly instead of replaying wrong crops)."""
     from safetensors.torch import save_file
     from pydistill_ext.artifacts import atomic_write, _json_default
     path = Path(path)
@@ -349,13 +373,22 @@ def save_relabel(path, rs: RelabelSet) -> Path:
     tensors = {"values": rs.values.contiguous()}
     if rs.indices is not None:
         tensors["indices"] = rs.indices.contiguous()
-    for key, t in rs.plan.items():
-        tensors[f"plan.{key}"] = t.contiguous()
-    meta = {_META_KEY: json.dumps(rs.meta, default=_json_default)}
+    meta_d = dict(rs.meta)
+    if store_plan:
+        for key, t in rs.plan.items():
+            tensors[f"plan.{key}"] = t.contiguous()
+        meta_d.pop("plan_sha256", None)
+    else:
+        if plan_digest(_plan_from_meta(rs.meta)) != plan_digest(rs.plan):
+            raise ValueError("this set's plan is not the one its seed regenerates; save it with "
+                             "store_plan=True")
+        meta_d["plan_sha256"] = plan_digest(rs.plan)
+    meta = {_META_KEY: json.dumps(meta_d, default=_json_default)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_relabel(path) -> RelabelSet:
+    """Read a file written by :func:`save_relabel` (regenerating a plan saved as its seed)."""
     from safetensors import safe_open
     path = Path(path)
     if path.is_dir():
@@ -370,10 +403,19 @@ def load_relabel(path) -> RelabelSet:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if raw is None:
         raise ValueError(f"{path} is not a pydistill relabel file (no {_META_KEY!r} metadata)")
-    if "values" not in tensors or "plan.perm" not in tensors or "plan.box" not in tensors:
-        raise ValueError(f"{path}: missing tensors (has {sorted(tensors)})")
+    meta = json.loads(raw)
     plan = {k[5:]: t for k, t in tensors.items() if k.startswith("plan.")}
-    return RelabelSet(tensors["values"], tensors.get("indices"), plan, json.loads(raw))
+    if "values" not in tensors or (not plan and "plan_sha256" not in meta) or \
+            (plan and ("perm" not in plan or "box" not in plan)):
+        raise ValueError(f"{path}: missing tensors (has {sorted(tensors)})")
+    if not plan:
+        digest = meta.pop("plan_sha256")
+        plan = _plan_from_meta(meta)
+        if plan_digest(plan) != digest:
+            raise ValueError(f"{path}: the augmentation plan regenerated from seed "
+                             f"{meta['seed']} does not match the stored sha256 (another torch "
+                             f"version draws other numbers); relabel again or store the plan")
+    return RelabelSet(tensors["values"], tensors.get("indices"), plan, meta)
 
 
 # ---------------------------------------------------------------------------------------------

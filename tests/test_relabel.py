@@ -410,3 +410,27 @@ def test_cli_relabel(tmp_path, capsys):
     bad = [a if a != "3" else "11" for a in argv[:-3]]  # --k 11, no students
     assert main(bad) == 2
     assert "k=11 exceeds the teacher's 10 classes" in capsys.readouterr().err
+
+
+def test_plan_saved_as_seed(tmp_path, monkeypatch):
+    rs = R.relabel(_images(), _teacher(), k=2, seed=4, mix="cutmix", **KW)
+    full = R.save_relabel(tmp_path / "full", rs)
+    small = R.save_relabel(tmp_path / "small", rs, store_plan=False)
+    s = rs.storage_bytes()
+    assert os.path.getsize(full) - os.path.getsize(small) >= s["augmentation"]
+    assert os.path.getsize(small) < s["soft_labels"] + 4096
+    back = R.load_relabel(small)
+    assert back.plan.keys() == rs.plan.keys()
+    assert all(torch.equal(back.plan[k], rs.plan[k]) for k in rs.plan)
+    assert back.meta == rs.meta and torch.equal(back.values, rs.values)
+    # a generator that draws other numbers (another torch version) is detected on load
+    real = R.make_plan
+    monkeypatch.setattr(R, "make_plan", lambda *a, **k: {**real(*a, **k),
+                                                         "perm": real(*a, **k)["perm"].flip(1)})
+    with pytest.raises(ValueError, match="does not match the stored sha256"):
+        R.load_relabel(small)
+    monkeypatch.setattr(R, "make_plan", real)
+    rs.plan["box"] = rs.plan["box"].clone()
+    rs.plan["box"][0, 0, 0] += 1  # a hand-edited plan cannot be saved as a seed
+    with pytest.raises(ValueError, match="store_plan=True"):
+        R.save_relabel(tmp_path / "edited", rs, store_plan=False)
