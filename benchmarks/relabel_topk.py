@@ -109,18 +109,27 @@ def render_md(data: dict) -> str:
               "cross-entropy on the images' own labels on the same crops; `online` = teacher "
               "queried on every batch (fp32, dense). Seeds s = 0, 1, 2: relabel (crop) seed s "
               "and student seed s. Soft-label bytes = values (fp16) + indices (uint8 for 10 "
-              "classes); the augmentation record (permutation int16, box 4×int16, no flip) adds "
-              "10 B per crop to every variant and is listed separately.", ""]
+              "classes); the augmentation record (permutation int16, box 4×int16, no flip; with a "
+              "mix also the partner int16 and per batch λ fp32 and box 4×int16) is listed "
+              "separately: it is the same for every k, and `save_relabel(..., "
+              "store_plan=False)` drops it (the plan is regenerated from the seed on load, "
+              "checked by sha256), leaving the soft labels plus a JSON header.", ""]
+    for note in data.get("notes", []):
+        lines.append(f"Note: {note}")
+    if data.get("notes"):
+        lines.append("")
     groups = {}
     for key, cell in data["cells"].items():
-        g = (cell["dataset"], cell["ipc"], cell["epochs"], cell["batch_size"], cell["temperature"])
+        g = (cell["dataset"], cell["ipc"], cell["epochs"], cell["batch_size"],
+             cell.get("mix") or "", cell["temperature"])
         groups.setdefault(g, []).append(cell)
     order = {"hard": -1, "online": 10 ** 6}
     for g in sorted(groups):
-        ds, ipc, ep, bs, t = g
+        ds, ipc, ep, bs, mix, t = g
         cells = sorted(groups[g], key=lambda c: order.get(c["label"], c.get("k") or 0))
         c0 = cells[0]
-        lines += [f"## {ds}, IPC {ipc}, {ep} epochs, batch {bs}, T = {t}", "",
+        mixs = f", {mix} per batch" if mix else ""
+        lines += [f"## {ds}, IPC {ipc}, {ep} epochs, batch {bs}{mixs}, T = {t:g}", "",
                   f"Teacher {c0['teacher']} (test accuracy {100 * c0['teacher_accuracy']:.2f} %"
                   f" on the evaluated test images); {c0['n_images']} images, "
                   f"{c0['n_images'] * ep} stored crops; crop scale {c0['crop_scale']}; "
@@ -184,10 +193,16 @@ def main(argv=None):
     p.add_argument("--crop-scale", type=float, nargs=2, default=[0.25, 1.0])
     p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on this many test images (seeded permutation) to save time")
+    p.add_argument("--mix", default=None, choices=["cutmix", "mixup"],
+                   help="one CutMix (alpha 1) / Mixup (alpha 0.8) per batch, as SRe2L's relabel")
     p.add_argument("--no-hard", action="store_true")
     p.add_argument("--online", action="store_true", help="also the online-teacher variant")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the JSON")
     args = p.parse_args(argv)
+    if args.render_only:
+        _save(Path(args.out), {"cells": {}, "runs": []})
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     from pydistill_ext.data import load_dataset
@@ -223,18 +238,20 @@ def main(argv=None):
     V = d.num_classes
     crop_scale = tuple(args.crop_scale)
     common = dict(epochs=args.epochs, batch_size=args.batch_size, crop_scale=crop_scale,
-                  flip=False)
+                  flip=False, mix=args.mix, mix_alpha=0.8 if args.mix == "mixup" else 1.0)
     data = _save(out, mine)
 
     def base_cell(label, t, k=None):
         return {"dataset": args.dataset, "ipc": args.ipc, "epochs": args.epochs,
                 "batch_size": args.batch_size, "temperature": t, "label": label, "k": k,
+                "mix": args.mix,
                 "teacher": tname, "teacher_accuracy": t_acc, "n_images": int(X.shape[0]),
                 "crop_scale": list(crop_scale), "test_images": test_desc, "seeds": args.seeds,
                 "accuracies": [], "train_seconds": []}
 
     def key_of(label, t):
-        return f"{args.dataset}|ipc{args.ipc}|e{args.epochs}|b{args.batch_size}|T{t:g}|{label}"
+        mix = f"|{args.mix}" if args.mix else ""
+        return f"{args.dataset}|ipc{args.ipc}|e{args.epochs}|b{args.batch_size}{mix}|T{t:g}|{label}"
 
     jobs = []
     for t in args.temperatures:
