@@ -50,6 +50,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _rel(path) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(HERE.parent)) if HERE.parent in p.parents else str(p)
+
+
 def parse_config(text):
     head, _, clip = text.partition("-")
     if not (head.startswith("W") and "A" in head):
@@ -69,7 +74,7 @@ def teacher_dir(name, dataset):
     return out if (out / "teacher.safetensors").exists() else None
 
 
-def calibration_set(source, dataset, tdir, n, seed, log):
+def calibration_set(source, dataset, tdir, n, seed, log, label):
     shape = (dataset.channels, *dataset.im_size)
     if source == "real":
         g = torch.Generator().manual_seed(1000 + seed)
@@ -80,7 +85,7 @@ def calibration_set(source, dataset, tdir, n, seed, log):
         return torch.randn(n, *shape, generator=g), {}
     from pydistill_ext.artifacts import load_distilled
     from pydistill_ext.methods import run_distill
-    out = RUNS / dataset.name / f"zeroq_n{n}_seed{seed}"
+    out = RUNS / label.replace(":", "_") / f"zeroq_n{n}_seed{seed}"
     if not (out / "distilled.safetensors").exists():
         t0 = time.perf_counter()
         run_distill("zeroq", dataset, ipc=1, seed=seed, out_dir=out, resume=True, progress=False,
@@ -101,7 +106,13 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=64, help="calibration images per set")
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher", action="append", default=[], metavar="DATASET=DIR",
+                   help="use this teacher for DATASET (results are labelled DATASET:DIRNAME)")
     args = p.parse_args(argv)
+    override = {}
+    for kv in args.teacher:
+        k, _, v = kv.partition("=")
+        override[k] = Path(v)
     torch.set_num_threads(args.threads)
 
     import pydistill_ext as pde
@@ -126,33 +137,38 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for name in [d for d in args.datasets.split(",") if d]:
         ds = load_dataset(name)
-        tdir = teacher_dir(name, ds)
+        if name in override:
+            tdir, label = override[name], f"{name}:{override[name].name}"
+        else:
+            tdir, label = teacher_dir(name, ds), name
         if tdir is None:
             log(f"{name}: no teacher in {TEACHERS / (name + '_convnet-bn')}, skipped")
             continue
         net = load_teacher(tdir)
-        key = f"{name}|fp32"
+        key = f"{label}|fp32"
         if key not in cells:
-            cells[key] = {"acc": test_accuracy(net, ds.test_images, ds.test_labels)}
+            cells[key] = {"acc": test_accuracy(net, ds.test_images, ds.test_labels),
+                          "teacher": _rel(tdir),
+                          "teacher_info": net.teacher_info}
             save()
-        log(f"{name}: teacher {tdir} fp32 {100 * cells[key]['acc']:.2f} %")
+        log(f"{label}: teacher {tdir} fp32 {100 * cells[key]['acc']:.2f} %")
         for seed in seeds:
             for source in SOURCES:
-                todo = [c for c in configs if f"{name}|{c}|{source}|{args.images}|{seed}" not in cells]
+                todo = [c for c in configs if f"{label}|{c}|{source}|{args.images}|{seed}" not in cells]
                 if not todo:
                     continue
-                images, info = calibration_set(source, ds, tdir, args.images, seed, log)
+                images, info = calibration_set(source, ds, tdir, args.images, seed, log, label)
                 for c in todo:
                     t0 = time.perf_counter()
                     q = quantize_model(net, images, **parse_config(c))
                     acc = test_accuracy(q, ds.test_images, ds.test_labels)
                     ranges = [[round(m.act.lo, 4), round(m.act.hi, 4)] for m in q.modules()
                               if isinstance(m, QuantLayer) and m.act is not None]
-                    cells[f"{name}|{c}|{source}|{args.images}|{seed}"] = {
+                    cells[f"{label}|{c}|{source}|{args.images}|{seed}"] = {
                         "acc": acc, "seconds": round(time.perf_counter() - t0, 1),
                         "act_ranges": ranges, **info}
                     save()
-                    log(f"  {name} {c:18s} {source:6s} seed {seed}: {100 * acc:.2f} %")
+                    log(f"  {label} {c:18s} {source:6s} seed {seed}: {100 * acc:.2f} %")
     write_results(cells, configs, args, pde)
 
 
@@ -165,7 +181,8 @@ def write_results(cells, configs, args, pde):
         name, c, source, n, seed = parts
         table.setdefault((name, c, int(n)), {}).setdefault(source, []).append(100 * v["acc"])
     order = {c: i for i, c in enumerate(configs)}
-    names = ["digits", "mnist", "cifar10"]
+    rank = {"digits": 0, "mnist": 1, "cifar10": 2}
+    names = sorted({k.split("|")[0] for k in cells}, key=lambda n: (rank.get(n.split(":")[0], 9), n))
     md = ["# ZeroQ: post-training quantization calibrated on distilled vs real vs noise data", "",
           "Top-1 accuracy (%) on the whole real test set; mean ± std over seeds (each seed: a new "
           "ZeroQ set / real draw / noise draw; n = seeds). Quantization: BN folded into the conv, "
@@ -180,7 +197,10 @@ def write_results(cells, configs, args, pde):
         fp = cells.get(f"{name}|fp32")
         if not keys or fp is None:
             continue
-        md += [f"## {name} (teacher convnet-bn, fp32 {100 * fp['acc']:.2f} %)", "",
+        ti = fp.get("teacher_info", {})
+        md += [f"## {name} (teacher {ti.get('model', 'convnet-bn')}, "
+               f"{ti.get('epochs_done', ti.get('epochs', '?'))} epoch(s), fp32 {100 * fp['acc']:.2f} %)", "",
+               f"Teacher: `{fp.get('teacher', '?')}`" + (f" — {ti['note']}" if ti.get("note") else ""), "",
                "| config | images | ZeroQ | real | noise | ZeroQ − real | ZeroQ − noise |",
                "|---|---|---|---|---|---|---|"]
         for k in keys:
