@@ -44,13 +44,26 @@ def _fns():
     return dict(pydistill=fused_loss, eager=ref.hook_loss, var_mean=ref.var_mean_loss)
 
 
-def _problem(shape, channels_last, seed=0):
+def _problem(shape, channels_last, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 1.5 + 0.3
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     c = shape[1]
-    return x, torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
+    rm, rv = torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
+    return x.to(device), rm.to(device), rv.to(device)
+
+
+def cuda_peak_extra(fn, x, rm, rv) -> int:
+    """CUDA: peak allocated bytes of one forward+backward above those allocated before it."""
+    step(fn, x, rm, rv, True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step(fn, x, rm, rv, True)
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - base
 
 
 def step(fn, x, rm, rv, backward: bool):
@@ -62,7 +75,7 @@ def step(fn, x, rm, rv, backward: bool):
     return xs.grad
 
 
-def interleaved_medians(fns, reps, warmup):
+def interleaved_medians(fns, reps, warmup, sync=lambda: None):
     """Median wall time of each fn, the variants taking turns rep by rep (on a shared, noisy
     machine a slow spell then hits every variant alike instead of one)."""
     for _ in range(warmup):
@@ -71,8 +84,10 @@ def interleaved_medians(fns, reps, warmup):
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(t) for k, t in times.items()}
 
@@ -114,6 +129,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="bench_bn_moments")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (then --threads is "
+                   "ignored, times are synchronised, peak memory is torch.cuda's)")
     p.add_argument("--measure-memory", nargs=2, metavar=("VARIANT", "CL"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.measure_memory:
@@ -123,17 +140,20 @@ def main(argv=None):
     reps = 1 if a.smoke else a.reps
     cases = [((4, 8, 4, 4), False), ((4, 8, 4, 4), True)] if a.smoke else \
         [(s, False) for s in SHAPES] + [(MAIN, True)]
-    threads = [int(t) for t in a.threads.split(",")]
+    cuda = a.device.startswith("cuda")
+    threads = [1] if cuda else [int(t) for t in a.threads.split(",")]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     old_threads = torch.get_num_threads()
     rows = []
     for shape, cl in cases:
-        x, rm, rv = _problem(shape, cl)
+        x, rm, rv = _problem(shape, cl, device=a.device)
         torch._dynamo.reset()
         fns = _fns()
         fns["compile"] = torch.compile(ref.hook_loss, fullgraph=True, dynamic=False)
         saved = {v: saved_extra_bytes(fns[v], x, rm, rv) for v in VARIANTS}
         for nt in threads:
-            torch.set_num_threads(nt)
+            if not cuda:
+                torch.set_num_threads(nt)
             for mode in ("fwd", "fwd+bwd"):
                 backward = mode == "fwd+bwd"
                 # same result first (a benchmark of a wrong kernel is worthless)
@@ -142,7 +162,7 @@ def main(argv=None):
                     torch.testing.assert_close(step(fns[v], x, rm, rv, backward), want,
                                                rtol=1e-4, atol=1e-6)
                 res = interleaved_medians({v: (lambda v=v: step(fns[v], x, rm, rv, backward))
-                                           for v in VARIANTS}, reps, warmup=3)
+                                           for v in VARIANTS}, reps, warmup=3, sync=sync)
                 row = dict(shape="x".join(map(str, shape)) + (" CL" if cl else ""), threads=nt,
                            mode=mode, **{f"{k}_s": t for k, t in res.items()},
                            **{f"{k}_saved_bytes": b for k, b in saved.items()},
@@ -153,7 +173,14 @@ def main(argv=None):
                 print(_line(row), flush=True)
     torch.set_num_threads(old_threads)
     peak = {}
-    if not a.smoke and not a.no_memory:
+    if cuda and not a.no_memory:
+        for cl in (False, True):
+            x, rm, rv = _problem(MAIN, cl, device=a.device)
+            fns = _fns()
+            fns["compile"] = torch.compile(ref.hook_loss, fullgraph=True, dynamic=False)
+            for v in VARIANTS:
+                peak[(v, cl)] = cuda_peak_extra(fns[v], x, rm, rv)
+    elif not a.smoke and not a.no_memory:
         for cl in (False, True):
             for v in VARIANTS:
                 peak[(v, cl)] = harness.peak_memory_subprocess(
@@ -179,7 +206,8 @@ def _line(r):
 
 def _table(rows, peak):
     m = harness.machine()
-    out = [f"Machine: {m['cpu']} (`lscpu` model name), torch {m['torch']}, at::vec "
+    dev = m.get("gpu", "") + " (CUDA); CPU " if "gpu" in m and "cuda" in " ".join(sys.argv) else ""
+    out = [f"Machine: {dev}{m['cpu']} (`lscpu` model name), torch {m['torch']}, at::vec "
            f"{m['cpu_capability']}, THP_MEM_ALLOC_ENABLE {m['THP_MEM_ALLOC_ENABLE'] or 'unset'}; "
            f"2 cores shared with other jobs (noisy). float32, median ms of loss = "
            f"||mu - mu_run|| + ||var - var_run|| (fwd) and its backward to x (fwd+bwd). "
@@ -202,8 +230,9 @@ def _table(rows, peak):
         out.append(f"| {r['shape']} | " + " | ".join(
             f"{r[v + '_saved_bytes'] / 2**20:.2f} MiB" for v in VARIANTS) + " |")
     if peak:
-        out += ["", f"Peak RSS of one forward+backward above the memory held before it "
-                f"({'x'.join(map(str, MAIN))}, fresh process per variant, 1 thread; x is "
+        out += ["", f"Peak memory of one forward+backward above the memory held before it "
+                f"({'x'.join(map(str, MAIN))}; CPU: RSS in a fresh process per variant, 1 thread; "
+                f"CUDA: torch.cuda.max_memory_allocated; x is "
                 f"{MAIN[0] * MAIN[1] * MAIN[2] * MAIN[3] * 4 / 2**20:.0f} MiB, its gradient as much):", "",
                 "| layout | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
         for cl in (False, True):
