@@ -14,4 +14,14 @@ TORCH_LIBRARY_FRAGMENT(pydistill_ext, m) {
   // a_g + b_g * x (REFERENCE.md 4.2), in x's dtype and (dense) memory format.
   m.def("bn_moments_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean, "
         "bool per_sample, bool unbiased) -> Tensor");
+
+  // Frozen (eval-mode) BatchNorm and the moments of its input in one read of x:
+  // y = scale[c] * x + shift[c] (scale = weight / sqrt(running_var + eps), shift = bias -
+  // running_mean * scale, [C] in the compute dtype), and (mean, var) as bn_moments_forward.
+  // CPU only.
+  m.def("frozen_bn_moments_forward(Tensor x, Tensor scale, Tensor shift, bool per_sample, "
+        "bool unbiased) -> (Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. x: scale[c] * grad_y + a_g + b_g * x (one read of x and grad_y, one write).
+  m.def("frozen_bn_moments_backward(Tensor grad_y, Tensor grad_mean, Tensor grad_var, Tensor x, "
+        "Tensor mean, Tensor scale, bool per_sample, bool unbiased) -> Tensor");
 }

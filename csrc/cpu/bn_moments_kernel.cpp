@@ -96,13 +96,35 @@ inline at::vec::Vectorized<at::opmath_type<scalar_t>> load_op(const scalar_t* p)
   }
 }
 
+// Store a vector of the compute type as VL values of scalar_t.
+template <typename scalar_t>
+inline void store_op(scalar_t* p, const at::vec::Vectorized<at::opmath_type<scalar_t>>& v) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    v.store(p);
+  } else {
+    opmath_t tmp[at::vec::Vectorized<opmath_t>::size()];
+    v.store(tmp);
+    for (int64_t i = 0; i < at::vec::Vectorized<opmath_t>::size(); ++i) p[i] = static_cast<scalar_t>(tmp[i]);
+  }
+}
+
+// Optional elementwise output written in the same pass (frozen_bn_moments): y = k[j] * x + h[j]
+// at the same offset as x (y has x's layout); k, h per column.
+template <typename scalar_t>
+struct YAffine {
+  scalar_t* y = nullptr;  // base of the block, like `base`
+  const at::opmath_type<scalar_t>* k = nullptr;
+  const at::opmath_type<scalar_t>* h = nullptr;
+};
+
 // Per-column Welford over a [R, W] block (row r at base + r * row_stride, W contiguous
 // columns) of the shifted values x - shift[j]. On return mean[j], m2[j] are the statistics of
-// column j (count R; mean[j] relative to shift[j]).
-template <typename scalar_t>
+// column j (count R; mean[j] relative to shift[j]). With kY, also writes y (YAffine).
+template <typename scalar_t, bool kY = false>
 void welford_columns(const scalar_t* base, int64_t R, int64_t row_stride, int64_t W,
                      const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* mean,
-                     at::opmath_type<scalar_t>* m2) {
+                     at::opmath_type<scalar_t>* m2, YAffine<scalar_t> ya = {}) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t VL = Vec::size();
@@ -115,7 +137,12 @@ void welford_columns(const scalar_t* base, int64_t R, int64_t row_stride, int64_
     const scalar_t* row = base + r * row_stride;
     int64_t j = 0;
     for (; j < Wv; j += VL) {
-      const Vec v = load_op(row + j) - Vec::loadu(shift + j);
+      const Vec raw = load_op(row + j);
+      if constexpr (kY) {
+        store_op(ya.y + r * row_stride + j,
+                 at::vec::fmadd(raw, Vec::loadu(ya.k + j), Vec::loadu(ya.h + j)));
+      }
+      const Vec v = raw - Vec::loadu(shift + j);
       Vec mu = Vec::loadu(mean + j);
       const Vec d = v - mu;
       mu = at::vec::fmadd(d, vinv, mu);
@@ -124,7 +151,9 @@ void welford_columns(const scalar_t* base, int64_t R, int64_t row_stride, int64_
       q.store(m2 + j);
     }
     for (; j < W; ++j) {
-      const opmath_t v = static_cast<opmath_t>(row[j]) - shift[j];
+      const opmath_t raw = static_cast<opmath_t>(row[j]);
+      if constexpr (kY) ya.y[r * row_stride + j] = static_cast<scalar_t>(ya.k[j] * raw + ya.h[j]);
+      const opmath_t v = raw - shift[j];
       const opmath_t d = v - mean[j];
       mean[j] += d * inv;
       m2[j] += d * (v - mean[j]);
@@ -139,23 +168,31 @@ inline void finish(const Stat<opmath_t>& s, opmath_t shift, bool unbiased, out_t
 }
 
 // ---------------------------------------------------------------- forward, runs layout (NCHW)
-template <typename scalar_t>
+// kY: also y = k_c x + h_c (k, h: [C]) into y (x's layout).
+template <typename scalar_t, bool kY = false>
 void forward_runs(const scalar_t* x, const BnMomentsShape& sh, bool per_sample, bool unbiased,
-                  at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out) {
+                  at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out,
+                  scalar_t* y = nullptr, const at::opmath_type<scalar_t>* k = nullptr,
+                  const at::opmath_type<scalar_t>* h = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<opmath_t>;
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (!per_sample) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<opmath_t> mb(static_cast<size_t>(std::min(kTile, S))), qb(mb.size()),
-          sb(mb.size());
+          sb(mb.size()), kb(kY ? mb.size() : 0), hb(kb.size());
       for (int64_t c = c0; c < c1; ++c) {
         const opmath_t shift = static_cast<opmath_t>(x[c * S]);  // x[0, c, 0]
         std::fill(sb.begin(), sb.end(), shift);
+        if constexpr (kY) {
+          std::fill(kb.begin(), kb.end(), k[c]);
+          std::fill(hb.begin(), hb.end(), h[c]);
+        }
         Stat<opmath_t> acc;
         for (int64_t s0 = 0; s0 < S; s0 += kTile) {
           const int64_t W = std::min(kTile, S - s0);
-          welford_columns<scalar_t>(x + c * S + s0, N, C * S, W, sb.data(), mb.data(), qb.data());
+          welford_columns<scalar_t, kY>(x + c * S + s0, N, C * S, W, sb.data(), mb.data(),
+                                        qb.data(), {kY ? y + c * S + s0 : nullptr, kb.data(), hb.data()});
           for (int64_t j = 0; j < W; ++j) chan_merge(acc, N, mb[j], qb[j]);
         }
         finish(acc, shift, unbiased, mean_out + c, var_out + c);
@@ -168,25 +205,36 @@ void forward_runs(const scalar_t* x, const BnMomentsShape& sh, bool per_sample, 
   const int64_t R = S / L, tail0 = R * L;
   const int64_t grain = std::max<int64_t>(1, 32768 / S);
   at::parallel_for(0, N * C, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<opmath_t> mb(static_cast<size_t>(L)), qb(mb.size()), sb(mb.size());
+    std::vector<opmath_t> mb(static_cast<size_t>(L)), qb(mb.size()), sb(mb.size()),
+        kb(kY ? mb.size() : 0), hb(kb.size());
     for (int64_t g = g0; g < g1; ++g) {
       const scalar_t* row = x + g * S;
       const opmath_t shift = static_cast<opmath_t>(row[0]);
       std::fill(sb.begin(), sb.end(), shift);
+      if constexpr (kY) {
+        std::fill(kb.begin(), kb.end(), k[g % C]);
+        std::fill(hb.begin(), hb.end(), h[g % C]);
+      }
       Stat<opmath_t> acc;
-      welford_columns<scalar_t>(row, R, L, L, sb.data(), mb.data(), qb.data());
+      welford_columns<scalar_t, kY>(row, R, L, L, sb.data(), mb.data(), qb.data(),
+                                    {kY ? y + g * S : nullptr, kb.data(), hb.data()});
       for (int64_t j = 0; j < L; ++j) chan_merge(acc, R, mb[j], qb[j]);
-      for (int64_t j = tail0; j < S; ++j)
-        chan_merge(acc, 1, static_cast<opmath_t>(row[j]) - shift, opmath_t(0));
+      for (int64_t j = tail0; j < S; ++j) {
+        const opmath_t raw = static_cast<opmath_t>(row[j]);
+        if constexpr (kY) y[g * S + j] = static_cast<scalar_t>(k[g % C] * raw + h[g % C]);
+        chan_merge(acc, 1, raw - shift, opmath_t(0));
+      }
       finish(acc, shift, unbiased, mean_out + g, var_out + g);
     }
   });
 }
 
 // ------------------------------------------------- forward, rows layout (channels_last, [N, C])
-template <typename scalar_t>
+template <typename scalar_t, bool kY = false>
 void forward_rows(const scalar_t* x, const BnMomentsShape& sh, bool per_sample, bool unbiased,
-                  at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out) {
+                  at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* var_out,
+                  scalar_t* y = nullptr, const at::opmath_type<scalar_t>* k = nullptr,
+                  const at::opmath_type<scalar_t>* h = nullptr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = sh.C;
   const int64_t B = per_sample ? sh.N : 1;
@@ -208,8 +256,10 @@ void forward_rows(const scalar_t* x, const BnMomentsShape& sh, bool per_sample, 
       const int64_t r0 = p * rows_per_chunk, rn = std::min(rows_per_chunk, R - r0);
       const int64_t cs = ct * T, W = std::min(T, C - cs);
       const int64_t off = (b * P + p) * C + cs;
-      welford_columns<scalar_t>(x + (b * R + r0) * C + cs, rn, C, W, shifts.data() + b * C + cs,
-                                pm.data() + off, pq.data() + off);
+      welford_columns<scalar_t, kY>(x + (b * R + r0) * C + cs, rn, C, W,
+                                    shifts.data() + b * C + cs, pm.data() + off, pq.data() + off,
+                                    {kY ? y + (b * R + r0) * C + cs : nullptr, kY ? k + cs : nullptr,
+                                     kY ? h + cs : nullptr});
     }
   });
   // stage 2: per group, the chunks in chunk order
@@ -326,11 +376,129 @@ Tensor bn_moments_backward_cpu(const Tensor& grad_mean, const Tensor& grad_var, 
   return out;
 }
 
+// ------------------------------------------------------------ frozen_bn_moments (stretch)
+// Frozen (eval-mode) BatchNorm fused with the moments of its input, one read of x:
+//   y = k_c x + h_c  (k = weight / sqrt(running_var + eps), h = bias - running_mean k: computed
+//   by the caller), mean / var as bn_moments. Backward, one read of x and grad_y, one write:
+//   dL/dx = k_c grad_y + a_g + b_g x.
+std::tuple<Tensor, Tensor, Tensor> frozen_bn_moments_forward_cpu(const Tensor& x_in,
+                                                                 const Tensor& scale,
+                                                                 const Tensor& shift,
+                                                                 bool per_sample, bool unbiased) {
+  const BnMomentsShape sh = check_frozen_bn_moments_args(x_in, scale, shift, per_sample, unbiased);
+  const auto op_dtype = at::toOpMathType(x_in.scalar_type());
+  const auto shape = bn_moments_out_shape(sh, per_sample);
+  Tensor mean = at::empty(shape, x_in.options().dtype(op_dtype));
+  Tensor var = at::empty(shape, x_in.options().dtype(op_dtype));
+  Tensor y = at::empty_like(x_in);
+  if (x_in.numel() == 0) return {y, mean, var};
+  const bool rows = bn_is_rows_layout(x_in, sh.S);
+  const Tensor x = rows ? x_in : x_in.contiguous();
+  // rows: x_in is dense, so y = empty_like(x_in) has its strides; else y may be non-contiguous
+  const bool direct = rows || y.is_contiguous();
+  Tensor dst = direct ? y : at::empty_like(x);
+  const Tensor k = scale.contiguous(), h = shift.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frozen_bn_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = dst.mutable_data_ptr<scalar_t>();
+    opmath_t* mp = mean.mutable_data_ptr<opmath_t>();
+    opmath_t* vp = var.mutable_data_ptr<opmath_t>();
+    const opmath_t* kp = k.const_data_ptr<opmath_t>();
+    const opmath_t* hp = h.const_data_ptr<opmath_t>();
+    if (rows) {
+      forward_rows<scalar_t, true>(xp, sh, per_sample, unbiased, mp, vp, yp, kp, hp);
+    } else {
+      forward_runs<scalar_t, true>(xp, sh, per_sample, unbiased, mp, vp, yp, kp, hp);
+    }
+  });
+  if (!direct) y.copy_(dst);
+  return {y, mean, var};
+}
+
+// y[0:n] = k * gy + a + b * v with per-lane (k, a, b) or one value each.
+template <typename scalar_t, bool kPerLane>
+inline void affine2_span(const scalar_t* v, const scalar_t* gy, scalar_t* y, int64_t n,
+                         const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* a,
+                         const at::opmath_type<scalar_t>* b) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  constexpr int64_t VL = Vec::size();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    const Vec vk(k[0]), va(a[0]), vb(b[0]);
+    for (; j + VL <= n; j += VL) {
+      const Vec ck = kPerLane ? Vec::loadu(k + j) : vk;
+      const Vec ca = kPerLane ? Vec::loadu(a + j) : va;
+      const Vec cb = kPerLane ? Vec::loadu(b + j) : vb;
+      at::vec::fmadd(Vec::loadu(gy + j), ck, at::vec::fmadd(Vec::loadu(v + j), cb, ca)).store(y + j);
+    }
+  }
+  for (; j < n; ++j) {
+    const opmath_t ck = kPerLane ? k[j] : k[0], ca = kPerLane ? a[j] : a[0],
+                   cb = kPerLane ? b[j] : b[0];
+    y[j] = static_cast<scalar_t>(ck * static_cast<opmath_t>(gy[j]) + ca +
+                                 cb * static_cast<opmath_t>(v[j]));
+  }
+}
+
+Tensor frozen_bn_moments_backward_cpu(const Tensor& grad_y, const Tensor& grad_mean,
+                                      const Tensor& grad_var, const Tensor& x_in,
+                                      const Tensor& mean, const Tensor& scale, bool per_sample,
+                                      bool unbiased) {
+  const BnMomentsShape sh =
+      check_bn_moments_backward_args(grad_mean, grad_var, x_in, mean, per_sample, unbiased);
+  check_frozen_bn_moments_backward_args(grad_y, x_in, scale);
+  Tensor out = at::empty_like(x_in);
+  if (x_in.numel() == 0) return out;
+  auto [a, b] = bn_moments_coefficients(grad_mean, grad_var, mean, sh, unbiased);
+  const bool rows = bn_is_rows_layout(out, sh.S);
+  const bool direct = rows || out.is_contiguous();
+  Tensor dst = direct ? out : at::empty(x_in.sizes(), out.options());
+  auto as_layout = [&](const Tensor& t) {
+    return rows ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+  };
+  const Tensor x = as_layout(x_in), gy = as_layout(grad_y);
+  const Tensor k = scale.contiguous();
+  const int64_t N = sh.N, C = sh.C, S = sh.S;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frozen_bn_bwd_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
+    scalar_t* yp = dst.mutable_data_ptr<scalar_t>();
+    const opmath_t* kp = k.const_data_ptr<opmath_t>();
+    const opmath_t* ap = a.const_data_ptr<opmath_t>();
+    const opmath_t* bp = b.const_data_ptr<opmath_t>();
+    if (rows) {
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+      at::parallel_for(0, N * S, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t g0 = per_sample ? (r / S) * C : 0;
+          affine2_span<scalar_t, true>(xp + r * C, gp + r * C, yp + r * C, C, kp, ap + g0, bp + g0);
+        }
+      });
+    } else {
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1));
+      at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t g = per_sample ? r : r % C;
+          affine2_span<scalar_t, false>(xp + r * S, gp + r * S, yp + r * S, S, kp + r % C, ap + g,
+                                        bp + g);
+        }
+      });
+    }
+  });
+  if (!direct) out.copy_(dst);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pydistill_ext, CPU, m) {
   m.impl("bn_moments_forward", &bn_moments_forward_cpu);
   m.impl("bn_moments_backward", &bn_moments_backward_cpu);
+  m.impl("frozen_bn_moments_forward", &frozen_bn_moments_forward_cpu);
+  m.impl("frozen_bn_moments_backward", &frozen_bn_moments_backward_cpu);
 }
 
 }  // namespace pydistill

@@ -152,3 +152,98 @@ def bn_moments(x: torch.Tensor, *, per_sample: bool = False,
     """
     _check(x, per_sample, unbiased)
     return ops.bn_moments_forward(x, per_sample, unbiased)
+
+
+# ------------------------------------------------------------------ frozen_bn_moments (stretch)
+@torch.library.register_fake("pydistill_ext::frozen_bn_moments_forward")
+def _frozen_forward_fake(x, scale, shift, per_sample, unbiased):
+    shape = _out_shape(x, per_sample)
+    dt = _compute_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(shape, dtype=dt), x.new_empty(shape, dtype=dt)
+
+
+@torch.library.register_fake("pydistill_ext::frozen_bn_moments_backward")
+def _frozen_backward_fake(grad_y, grad_mean, grad_var, x, mean, scale, per_sample, unbiased):
+    return torch.empty_like(x)
+
+
+def _frozen_setup_context(ctx, inputs, output):
+    x, scale, _, per_sample, unbiased = inputs
+    ctx.per_sample, ctx.unbiased = per_sample, unbiased
+    ctx.save_for_backward(x, output[1], scale)
+
+
+def _frozen_backward(ctx, grad_y, grad_mean, grad_var):
+    x, mean, scale = ctx.saved_tensors
+    need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    if grad_mean is None:
+        grad_mean = torch.zeros_like(mean)
+    if grad_var is None:
+        grad_var = torch.zeros_like(mean)
+    grad_x = grad_scale = grad_shift = None
+    if need_x:
+        grad_x = ops.frozen_bn_moments_backward(grad_y, grad_mean.contiguous(),
+                                                grad_var.contiguous(), x, mean, scale,
+                                                ctx.per_sample, ctx.unbiased)
+    if need_scale or need_shift:  # y = scale * x + shift: per-channel reductions of grad_y
+        dims = [0] + list(range(2, x.dim()))
+        op = scale.dtype
+        gy = grad_y.to(op)
+        if need_scale:
+            grad_scale = (gy * x.to(op)).sum(dims)
+        if need_shift:
+            grad_shift = gy.sum(dims)
+    return grad_x, grad_scale, grad_shift, None, None
+
+
+torch.library.register_autograd("pydistill_ext::frozen_bn_moments_forward", _frozen_backward,
+                                setup_context=_frozen_setup_context)
+
+
+def _frozen_no_double_backward(ctx, grad):
+    raise RuntimeError("pydistill_ext: frozen_bn_moments does not support double backward; "
+                       "use F.batch_norm (eval) + pde.bn_moments, which do")
+
+
+torch.library.register_autograd("pydistill_ext::frozen_bn_moments_backward",
+                                _frozen_no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def frozen_bn_moments(x: torch.Tensor, weight, bias, running_mean: torch.Tensor,
+                      running_var: torch.Tensor, eps: float = 1e-5, *, per_sample: bool = False,
+                      unbiased: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A frozen (eval-mode) BatchNorm and the moments of its input in one read of ``x``:
+    returns ``(y, mean, var)`` with ``y = F.batch_norm(x, running_mean, running_var, weight,
+    bias, training=False, eps=eps)`` (in x's dtype and memory format) and ``(mean, var) =
+    bn_moments(x, per_sample=per_sample, unbiased=unbiased)``.
+
+    Made for swapping a teacher's eval-mode BN layers during BN-statistic matching
+    (DeepInversion, SRe2L): the statistics then cost no extra pass over the activation, and
+    the backward is one pass, dL/dx = k_c grad_y + a_g + b_g x with k = weight / sqrt(running_var
+    + eps). ``weight`` / ``bias`` may be None (1 / 0). Gradients also reach weight, bias and the
+    running statistics when they require grad. CPU only; no double backward.
+    """
+    _check(x, per_sample, unbiased)
+    c = x.shape[1]
+    op = _compute_dtype(x.dtype)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is None and name in ("weight", "bias"):
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (c,):
+            raise ValueError(f"{name} must be a [C] = [{c}] tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    scale = torch.rsqrt(running_var.to(op) + eps)
+    if weight is not None:
+        scale = weight.to(op) * scale
+    shift = -running_mean.to(op) * scale
+    if bias is not None:
+        shift = shift + bias.to(op)
+    return ops.frozen_bn_moments_forward(x, scale, shift, per_sample, unbiased)

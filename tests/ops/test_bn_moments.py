@@ -282,3 +282,108 @@ def test_native_op_checks_its_arguments():
         BWD(m, m, x, m.double(), False, False)
     with pytest.raises(RuntimeError, match=r"grad_mean must have shape \[4, 3\]"):
         BWD(m, m, x, m, True, False)
+
+
+# ------------------------------------------------------------------ frozen_bn_moments (stretch)
+FFWD = torch.ops.pydistill_ext.frozen_bn_moments_forward
+FBWD = torch.ops.pydistill_ext.frozen_bn_moments_backward
+
+
+def _bn_params(c, dtype=torch.float64, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(c, generator=g, dtype=dtype), torch.randn(c, generator=g, dtype=dtype),
+            torch.randn(c, generator=g, dtype=dtype) * 0.3, torch.rand(c, generator=g, dtype=dtype) + 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(8, 5, 7, 6), (20, 9), (3, 4, 5, 3, 2), (2, 70, 3, 3)], ids=str)
+@pytest.mark.parametrize("per_sample,unbiased", [(False, False), (True, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_bn_moments_matches_batch_norm_and_oracle(dtype, shape, per_sample, unbiased,
+                                                         channels_last):
+    if per_sample and len(shape) == 2:
+        pytest.skip("count 1 with unbiased")
+    x = _x(shape, dtype, seed=21)
+    if channels_last and len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b, rm, rv = _bn_params(shape[1])
+    y, m, v = pde.frozen_bn_moments(x, w, b, rm, rv, 1e-5, per_sample=per_sample, unbiased=unbiased)
+    want_y = torch.nn.functional.batch_norm(x.double(), rm, rv, w, b, training=False, eps=1e-5)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    ytol = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert (y.double() - want_y).abs().max().item() <= ytol * want_y.abs().max().item()
+    _check((m, v), ref.bn_moments(x, per_sample, unbiased), dtype, x)
+    # the moments are bitwise those of bn_moments (same kernel, same order)
+    m2, v2 = pde.bn_moments(x, per_sample=per_sample, unbiased=unbiased)
+    assert torch.equal(m, m2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_bn_moments_backward(dtype, channels_last):
+    x = _x((6, 5, 4, 3), dtype, seed=22)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = [p.to(dtype) for p in _bn_params(5)]
+    gy = _x((6, 5, 4, 3), dtype, seed=23)
+    gm, gv = _grad_inputs((6, 5), False, 24)
+
+    def run(fn, xx, ps):
+        xx = xx.clone().requires_grad_()
+        ps = [p.clone().requires_grad_() for p in ps]
+        y, m, v = fn(xx, *ps)
+        ((y * gy).sum() + (m * gm.to(m.dtype)).sum() + (v * gv.to(v.dtype)).sum()).backward()
+        return [xx.grad] + [p.grad for p in ps]
+
+    def composite(xx, w, b, rm, rv):
+        view = lambda t: t.view(1, -1, 1, 1)  # noqa: E731  (eval BN, differentiable in all)
+        y = (xx - view(rm)) / (view(rv) + 1e-3).sqrt() * view(w) + view(b)
+        m, v = ref.bn_moments(xx)
+        return y, m, v
+
+    got = run(lambda xx, w, b, rm, rv: pde.frozen_bn_moments(xx, w, b, rm, rv, 1e-3), x, params)
+    want = run(composite, x.double(), [p.double() for p in params])
+    assert got[0].stride() == x.stride()
+    tol = 1e-12 if dtype == torch.float64 else 3e-5
+    for gg, ww in zip(got, want):
+        assert (gg.double() - ww).abs().max().item() <= tol * ww.abs().max().item()
+
+
+def test_frozen_bn_moments_gradcheck_opcheck_compile_errors():
+    x = _x((3, 4, 3, 2), torch.float64, seed=25).requires_grad_()
+    w, b, rm, rv = [p.requires_grad_() for p in _bn_params(4)]
+    assert torch.autograd.gradcheck(
+        lambda *a: pde.frozen_bn_moments(*a, 1e-2), (x, w, b, rm, rv))
+    y, m, v = pde.frozen_bn_moments(x, None, None, rm, rv)
+    torch.testing.assert_close(y, (x - rm.view(1, 4, 1, 1)) / (rv.view(1, 4, 1, 1) + 1e-5).sqrt())
+    g, = torch.autograd.grad(y.sum() + v.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        g.sum().backward()
+    xf = _x((4, 6, 3, 5), torch.float32, seed=26)
+    k, h = torch.rand(6) + 0.5, torch.randn(6)
+    for xx in (xf, xf.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(FFWD.default, (xx.clone().requires_grad_(), k, h, False, False))
+        _, m, _ = FFWD(xx, k, h, True, True)
+        torch.library.opcheck(FBWD.default, (torch.randn_like(xx), torch.randn_like(m),
+                                             torch.randn_like(m), xx, m, k, True, True))
+    wf, bf, rmf, rvf = [p.float() for p in _bn_params(6)]
+
+    def f(a):
+        y, m, v = pde.frozen_bn_moments(a, wf, bf, rmf, rvf)
+        return y.square().mean() + torch.norm(rvf - v, 2) + torch.norm(rmf - m, 2)
+
+    cf = torch.compile(f, fullgraph=True, backend="inductor")
+    a1, a2 = xf.clone().requires_grad_(), xf.clone().requires_grad_()
+    o1, o2 = cf(a1), f(a2)
+    torch.testing.assert_close(o1, o2)
+    o1.backward()
+    o2.backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    with pytest.raises(ValueError, match=r"running_var must be a \[C\] = \[6\] tensor"):
+        pde.frozen_bn_moments(xf, wf, bf, rmf, rvf[:3])
+    with pytest.raises(ValueError, match="eps must be a float >= 0"):
+        pde.frozen_bn_moments(xf, wf, bf, rmf, rvf, -1.0)
+    with pytest.raises(RuntimeError, match=r"scale must be \[C\] = \[6\]"):
+        FFWD(xf, k[:2], h, False, False)
+    with pytest.raises(RuntimeError, match="shift must be Float"):
+        FFWD(xf, k, h.double(), False, False)

@@ -67,6 +67,38 @@ inline BnMomentsShape check_bn_moments_backward_args(const at::Tensor& grad_mean
   return s;
 }
 
+// frozen_bn_moments_forward: x as bn_moments; scale, shift [C] in the compute dtype.
+inline BnMomentsShape check_frozen_bn_moments_args(const at::Tensor& x, const at::Tensor& scale,
+                                                   const at::Tensor& shift, bool per_sample,
+                                                   bool unbiased) {
+  const BnMomentsShape s = check_bn_moments_args(x, per_sample, unbiased);
+  const auto op_dtype = at::toOpMathType(x.scalar_type());
+  const at::Tensor* ts[2] = {&scale, &shift};
+  const char* names[2] = {"scale", "shift"};
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(ts[i]->dim() == 1 && ts[i]->size(0) == s.C, "pydistill_ext: ", names[i],
+                " must be [C] = [", s.C, "], got ", ts[i]->sizes());
+    TORCH_CHECK(ts[i]->scalar_type() == op_dtype, "pydistill_ext: ", names[i], " must be ",
+                op_dtype, " (the compute dtype of x), got ", ts[i]->scalar_type());
+    check_same_device(x, "x", *ts[i], names[i]);
+  }
+  return s;
+}
+
+// frozen_bn_moments_backward's extra arguments: grad_y like x, scale [C] (compute dtype).
+inline void check_frozen_bn_moments_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                                  const at::Tensor& scale) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "pydistill_ext: grad_y must have x's shape ", x.sizes(), " and dtype ",
+              x.scalar_type(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
+  check_same_device(x, "x", grad_y, "grad_y");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == x.size(1) &&
+                  scale.scalar_type() == at::toOpMathType(x.scalar_type()),
+              "pydistill_ext: scale must be [C] = [", x.size(1), "] in ",
+              at::toOpMathType(x.scalar_type()), ", got ", scale.sizes(), " ", scale.scalar_type());
+  check_same_device(x, "x", scale, "scale");
+}
+
 // Closed-form backward coefficients (REFERENCE.md 4.2): dL/dx = a_g + b_g * x with
 //   b_g = 2 * grad_var_g / M',  M' = M - 1 (unbiased) or M (biased),
 //   a_g = grad_mean_g / M - b_g * mean_g.
