@@ -4,8 +4,10 @@ loss = ||mu - mu_run||_2 + ||var - var_run||_2, forward and forward+backward to 
   eager      the anchors' hook: x.mean([0,2,3]) and x.permute(1,0,2,3).contiguous().view(C,-1).var(1)
   var_mean   torch.var_mean(x, [0,2,3], correction=0)
   compile    torch.compile(eager hook, fullgraph=True)
-side by side in one process (median wall times, the variants taking turns rep by rep), at 1 and 2 threads, on ResNet-18 CIFAR shapes
-(batch 64): 64x64x32x32, 64x128x16x16, 64x256x8x8, 64x512x4x4, plus 64x128x16x16 channels_last.
+side by side in one process (median wall times, the variants taking turns rep by rep), at 1 and 2
+threads, on ResNet-18 CIFAR shapes (batch 64): 64x64x32x32, 64x128x16x16, 64x256x8x8, 64x512x4x4,
+plus 64x128x16x16 channels_last. Then a whole frozen BN layer (eval BatchNorm + statistics loss)
+at 64x128x16x16: pde.frozen_bn_moments vs F.batch_norm + bn_moments / eager hook / compile.
 
     THP_MEM_ALLOC_ENABLE=1 python -m benchmarks.bench_bn_moments --reps 21
                                                       # results/bench_bn_moments.{json,md}
@@ -42,6 +44,34 @@ def fused_loss(x, running_mean, running_var):
 
 def _fns():
     return dict(pydistill=fused_loss, eager=ref.hook_loss, var_mean=ref.var_mean_loss)
+
+
+# A whole frozen BN layer: y = BN_eval(x) feeds the rest of the network (returned, so every
+# variant materialises it; a fixed upstream gradient u stands in for the network's) and the
+# layer's statistics loss is added.
+LAYER_VARIANTS = ("frozen_fused", "bn+pydistill", "bn+eager", "bn+compile")
+
+
+def _layer_fns(c, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(c, generator=g).to(device), torch.randn(c, generator=g).to(device)
+    brm, brv = (torch.randn(c, generator=g) * 0.1).to(device), (torch.rand(c, generator=g) + 0.5).to(device)
+    F = torch.nn.functional
+
+    def fused(x, rm, rv, u):
+        y, mean, var = pde.frozen_bn_moments(x, w, b, brm, brv, 1e-5)
+        return y, torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
+
+    def bn_pd(x, rm, rv, u):
+        y = F.batch_norm(x, brm, brv, w, b, training=False, eps=1e-5)
+        return y, fused_loss(x, rm, rv)
+
+    def bn_eager(x, rm, rv, u):
+        y = F.batch_norm(x, brm, brv, w, b, training=False, eps=1e-5)
+        return y, ref.hook_loss(x, rm, rv)
+
+    return {"frozen_fused": fused, "bn+pydistill": bn_pd, "bn+eager": bn_eager,
+            "bn+compile": torch.compile(bn_eager, fullgraph=True, dynamic=False)}
 
 
 def _problem(shape, channels_last, seed=0, device="cpu"):
@@ -171,7 +201,40 @@ def main(argv=None):
                            speedup_vs_compile=res["compile"] / res["pydistill"])
                 rows.append(row)
                 print(_line(row), flush=True)
+    layer_rows = []
+    if not cuda:  # frozen_bn_moments is CPU-only
+        for shape, cl in cases[:1] + cases[-1:] if a.smoke else [(MAIN, False), (MAIN, True)]:
+            x, rm, rv = _problem(shape, cl)
+            u = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(
+                memory_format=torch.channels_last if cl else torch.contiguous_format)
+            torch._dynamo.reset()
+            lf = _layer_fns(shape[1])
+            for nt in threads:
+                torch.set_num_threads(nt)
+                res = {}
+                for mode in ("fwd", "fwd+bwd"):
+                    backward = mode == "fwd+bwd"
+
+                    def lstep(f, backward=backward):
+                        if not backward:
+                            with torch.no_grad():
+                                return f(x, rm, rv, u)[1]
+                        xs = x.detach().requires_grad_()
+                        y, loss = f(xs, rm, rv, u)
+                        torch.autograd.backward((y, loss), (u, None))
+                        return xs.grad
+                    for v in LAYER_VARIANTS:
+                        torch.testing.assert_close(lstep(lf[v]), lstep(lf["bn+eager"]),
+                                                   rtol=1e-4, atol=1e-5)
+                    res = interleaved_medians({v: (lambda v=v: lstep(lf[v])) for v in LAYER_VARIANTS},
+                                              reps, warmup=3)
+                    row = dict(layer=True, shape="x".join(map(str, shape)) + (" CL" if cl else ""),
+                               threads=nt, mode=mode, **{f"{k}_s": t for k, t in res.items()})
+                    layer_rows.append(row)
+                    print("layer " + row["shape"] + f" t={nt} {mode}: " + "  ".join(
+                        f"{k} {res[k] * 1e3:.3f} ms" for k in LAYER_VARIANTS), flush=True)
     torch.set_num_threads(old_threads)
+    rows += layer_rows
     peak = {}
     if cuda and not a.no_memory:
         for cl in (False, True):
@@ -216,15 +279,32 @@ def _table(rows, peak):
            "vs eager | vs var_mean | vs compile |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("layer"):
+            continue
         out.append(f"| {r['shape']} | {r['threads']} | {r['mode']} | {r['pydistill_s'] * 1e3:.3f} | "
                    f"{r['eager_s'] * 1e3:.3f} | {r['var_mean_s'] * 1e3:.3f} | "
                    f"{r['compile_s'] * 1e3:.3f} | {r['speedup_vs_eager']:.2f}× | "
                    f"{r['speedup_vs_var_mean']:.2f}× | {r['speedup_vs_compile']:.2f}× |")
+    layer = [r for r in rows if r.get("layer")]
+    if layer:
+        out += ["", "A whole frozen BN layer: y = BN_eval(x) returned (materialised) with the "
+                "statistics loss; backward with grad_y = u (a fixed stand-in for the rest of the "
+                "network's gradient) and 1 for the loss. frozen_fused = "
+                "pde.frozen_bn_moments; bn+X = F.batch_norm(eval) plus the statistics by X. "
+                "Median ms.", "",
+                "| shape | threads | mode | " + " | ".join(LAYER_VARIANTS) +
+                " | fused vs bn+pydistill | fused vs bn+eager | fused vs bn+compile |",
+                "|---|---|---|" + "---|" * (len(LAYER_VARIANTS) + 3)]
+        for r in layer:
+            f = r["frozen_fused_s"]
+            out.append(f"| {r['shape']} | {r['threads']} | {r['mode']} | " + " | ".join(
+                f"{r[v + '_s'] * 1e3:.3f}" for v in LAYER_VARIANTS) + " | " + " | ".join(
+                f"{r[v + '_s'] / f:.2f}×" for v in LAYER_VARIANTS[1:]) + " |")
     out += ["", "Bytes saved by autograd for the backward beyond x itself (one forward):", "",
             "| shape | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
     done = set()
     for r in rows:
-        if r["shape"] in done:
+        if r.get("layer") or r["shape"] in done:
             continue
         done.add(r["shape"])
         out.append(f"| {r['shape']} | " + " | ".join(

@@ -22,8 +22,10 @@
 //
 // Layouts (one read of x either way):
 //   runs (x contiguous, NCHW): per channel, rows = the N samples (stride C*S), columns = the S
-//     positions (tiles of kTile); per sample, the S contiguous elements folded into rows of
-//     kLanes columns plus a scalar tail. Parallel over groups.
+//     positions of a block of cb = kTile / S adjacent channels (contiguous cb * S elements per
+//     row: long runs, not N*C short ones; S > kTile: one channel in tiles of kTile), then each
+//     channel's S column states merged in s order; per sample, the S contiguous elements folded
+//     into rows of 4 vectors plus a scalar tail. Parallel over channel blocks / groups.
 //   rows (x.movedim(1, -1) contiguous: channels_last, [N, C], S = 1): x is [B, R, C] with
 //     B = 1, R = N*S (per channel) or B = N, R = S (per sample); columns = channels. Two stages:
 //     chunks of a fixed number of rows (chosen from C only) in parallel -> per-chunk column
@@ -55,7 +57,7 @@ namespace pydistill {
 namespace {
 
 using at::Tensor;
-constexpr int64_t kTile = 512;          // columns per block in the runs layout (NCHW per channel)
+constexpr int64_t kTile = 1024;  // columns per block (runs: cb * S positions; rows: channels)
 constexpr int64_t kChunkElems = 32768;  // elements per chunk in the rows layout
 
 template <typename T>
@@ -178,24 +180,49 @@ void forward_runs(const scalar_t* x, const BnMomentsShape& sh, bool per_sample, 
   using Vec = at::vec::Vectorized<opmath_t>;
   const int64_t N = sh.N, C = sh.C, S = sh.S;
   if (!per_sample) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<opmath_t> mb(static_cast<size_t>(std::min(kTile, S))), qb(mb.size()),
-          sb(mb.size()), kb(kY ? mb.size() : 0), hb(kb.size());
-      for (int64_t c = c0; c < c1; ++c) {
-        const opmath_t shift = static_cast<opmath_t>(x[c * S]);  // x[0, c, 0]
-        std::fill(sb.begin(), sb.end(), shift);
-        if constexpr (kY) {
-          std::fill(kb.begin(), kb.end(), k[c]);
-          std::fill(hb.begin(), hb.end(), h[c]);
+    // Channel blocks: cb channels with cb * S <= kTile form one [N, cb * S] block whose rows
+    // are contiguous (so x is read, and y written, in runs of cb * S elements rather than S);
+    // a channel with S > kTile is tiled over s instead. Per channel, its S column states are
+    // merged in s order.
+    const int64_t cb = S >= kTile ? 1 : kTile / S;
+    const int64_t nblk = (C + cb - 1) / cb;
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      const size_t W0 = static_cast<size_t>(std::min(kTile, cb * S));
+      std::vector<opmath_t> mb(W0), qb(W0), sb(W0), kb(kY ? W0 : 0), hb(kb.size());
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * cb, cn = std::min(cb, C - c0);
+        if (S >= kTile) {  // one channel, tiles of kTile positions
+          const opmath_t shift = static_cast<opmath_t>(x[c0 * S]);  // x[0, c, 0]
+          std::fill(sb.begin(), sb.end(), shift);
+          if constexpr (kY) {
+            std::fill(kb.begin(), kb.end(), k[c0]);
+            std::fill(hb.begin(), hb.end(), h[c0]);
+          }
+          Stat<opmath_t> acc;
+          for (int64_t s0 = 0; s0 < S; s0 += kTile) {
+            const int64_t W = std::min(kTile, S - s0);
+            welford_columns<scalar_t, kY>(x + c0 * S + s0, N, C * S, W, sb.data(), mb.data(),
+                                          qb.data(), {kY ? y + c0 * S + s0 : nullptr, kb.data(), hb.data()});
+            for (int64_t j = 0; j < W; ++j) chan_merge(acc, N, mb[j], qb[j]);
+          }
+          finish(acc, shift, unbiased, mean_out + c0, var_out + c0);
+          continue;
         }
-        Stat<opmath_t> acc;
-        for (int64_t s0 = 0; s0 < S; s0 += kTile) {
-          const int64_t W = std::min(kTile, S - s0);
-          welford_columns<scalar_t, kY>(x + c * S + s0, N, C * S, W, sb.data(), mb.data(),
-                                        qb.data(), {kY ? y + c * S + s0 : nullptr, kb.data(), hb.data()});
-          for (int64_t j = 0; j < W; ++j) chan_merge(acc, N, mb[j], qb[j]);
+        for (int64_t ci = 0; ci < cn; ++ci) {
+          const int64_t c = c0 + ci;
+          std::fill(sb.begin() + ci * S, sb.begin() + (ci + 1) * S, static_cast<opmath_t>(x[c * S]));
+          if constexpr (kY) {
+            std::fill(kb.begin() + ci * S, kb.begin() + (ci + 1) * S, k[c]);
+            std::fill(hb.begin() + ci * S, hb.begin() + (ci + 1) * S, h[c]);
+          }
         }
-        finish(acc, shift, unbiased, mean_out + c, var_out + c);
+        welford_columns<scalar_t, kY>(x + c0 * S, N, C * S, cn * S, sb.data(), mb.data(),
+                                      qb.data(), {kY ? y + c0 * S : nullptr, kb.data(), hb.data()});
+        for (int64_t ci = 0; ci < cn; ++ci) {
+          Stat<opmath_t> acc;
+          for (int64_t j = ci * S; j < (ci + 1) * S; ++j) chan_merge(acc, N, mb[j], qb[j]);
+          finish(acc, sb[ci * S], unbiased, mean_out + c0 + ci, var_out + c0 + ci);
+        }
       }
     });
     return;
