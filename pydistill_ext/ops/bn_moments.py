@@ -227,6 +227,10 @@ def frozen_bn_moments(x: torch.Tensor, weight, bias, running_mean: torch.Tensor,
     running statistics when they require grad. CPU only; no double backward.
     """
     _check(x, per_sample, unbiased)
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"frozen_bn_moments has a CPU kernel only (x is on {x.device}); "
+                                  "on other devices use F.batch_norm(..., training=False) and "
+                                  "pde.bn_moments")
     c = x.shape[1]
     op = _compute_dtype(x.dtype)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),

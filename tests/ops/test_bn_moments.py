@@ -383,6 +383,8 @@ def test_frozen_bn_moments_gradcheck_opcheck_compile_errors():
         pde.frozen_bn_moments(xf, wf, bf, rmf, rvf[:3])
     with pytest.raises(ValueError, match="eps must be a float >= 0"):
         pde.frozen_bn_moments(xf, wf, bf, rmf, rvf, -1.0)
+    with pytest.raises(NotImplementedError, match="CPU kernel only"):
+        pde.frozen_bn_moments(xf.to("meta"), wf, bf, rmf, rvf)
     with pytest.raises(RuntimeError, match=r"scale must be \[C\] = \[6\]"):
         FFWD(xf, k[:2], h, False, False)
     with pytest.raises(RuntimeError, match="shift must be Float"):
