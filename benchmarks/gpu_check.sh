@@ -10,7 +10,8 @@
 #                       command may run 600 s). Each stage gets what is left, in this order:
 #                       build, tests/cuda, tests/triton, benchmark, tests/ops (CPU-only tests,
 #                       last: they need no GPU).
-#   STAGES              subset of "env build cuda triton bench ops" (default: all), e.g. split
+#   STAGES              subset of "env build cuda triton bench bnbench ops" (default: all but
+#                       the opt-in bnbench), e.g. split
 #                       over two calls on a warm machine: STAGES="env build cuda" then
 #                       STAGES="triton bench ops" (the in-place build stays between calls).
 # Files written to $OUT (at most 8 come back): env.txt, build.log, pytest_cuda.txt,
@@ -151,6 +152,16 @@ if want bench; then
       --out "$OUT/bench_kd_loss_gpu.json" --budget-s "$b" > "$OUT/bench.log" 2>&1 || rc=$?
     if (( rc == 0 )); then STATUS+=("bench: ok"); else STATUS+=("bench: FAILED (rc=$rc)"); tail -30 "$OUT/bench.log"; fi
   fi
+fi
+
+# opt-in (STAGES="... bnbench"): bn_moments vs the anchors' BN hook / var_mean / torch.compile on
+# the GPU (benchmarks/bench_bn_moments.py --device cuda; writes bench_bn_moments_gpu.md only)
+if want bnbench && (( $(left) > 90 )); then
+  log "bn_moments GPU benchmark (log: $OUT/bench_bn_moments_gpu.md)"
+  timeout -s INT -k 15 $(( $(left) - 30 )) "$PY" -m benchmarks.bench_bn_moments --device cuda \
+    --reps 51 --out "$OUT" --name bench_bn_moments_gpu > "$OUT/bench_bn_moments_gpu.log" 2>&1 \
+    && { rm -f "$OUT/bench_bn_moments_gpu.log" "$OUT/bench_bn_moments_gpu.json"; STATUS+=("bnbench: ok"); } \
+    || { tail -20 "$OUT/bench_bn_moments_gpu.log"; STATUS+=("bnbench: FAILED"); }
 fi
 
 run_tests ops tests/ops 120
