@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -48,6 +49,12 @@ def cpu_model() -> str:
     except Exception:  # noqa: BLE001
         pass
     return platform.processor() or "unknown"
+
+
+def _bn_moments_impl() -> str:
+    import pydistill_ext as pde
+    f = getattr(pde, "bn_moments", None)
+    return "missing" if f is None else f"{f.__module__}.{f.__name__}"
 
 
 def _rel(path) -> str:
@@ -92,10 +99,13 @@ def calibration_set(source, dataset, tdir, n, seed, log, label):
                     checkpoint_seconds=60, options={"teacher": str(tdir), "images": n,
                                                     "batch_size": min(32, n)})
         log(f"  zeroq distilled {n} images (seed {seed}) in {time.perf_counter() - t0:.0f} s")
+        (out / "bn_moments.txt").write_text(_bn_moments_impl())
     metrics = json.loads((out / "metrics.json").read_text())
     h = metrics["history"]
     info = {"distill_seconds": round(metrics["seconds"], 1), "loss_first": h["loss"][0],
-            "loss_last": h["loss"][-1], "iterations": len(h["loss"])}
+            "loss_last": h["loss"][-1], "iterations": len(h["loss"]),
+            "bn_moments": (out / "bn_moments.txt").read_text().strip()
+            if (out / "bn_moments.txt").exists() else "unknown"}
     return load_distilled(out / "distilled.safetensors").images, info
 
 
@@ -125,8 +135,11 @@ def main(argv=None):
     cells_path = RUNS / "cells.json"
     cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
 
-    def save():
-        tmp = cells_path.with_suffix(".tmp")
+    def save():  # merge with what another run may have written meanwhile
+        if cells_path.exists():
+            for k, v in json.loads(cells_path.read_text()).items():
+                cells.setdefault(k, v)
+        tmp = cells_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(cells, indent=1, sort_keys=True))
         tmp.replace(cells_path)
 
@@ -153,20 +166,24 @@ def main(argv=None):
             save()
         log(f"{label}: teacher {tdir} fp32 {100 * cells[key]['acc']:.2f} %")
         for seed in seeds:
+            # every calibration set first (ZeroQ's distillation is the slow part), then the
+            # configs in the given order with all three sources side by side
+            sets = {}
             for source in SOURCES:
-                todo = [c for c in configs if f"{label}|{c}|{source}|{args.images}|{seed}" not in cells]
-                if not todo:
-                    continue
-                images, info = calibration_set(source, ds, tdir, args.images, seed, log, label)
-                for c in todo:
+                if any(f"{label}|{c}|{source}|{args.images}|{seed}" not in cells for c in configs):
+                    sets[source] = calibration_set(source, ds, tdir, args.images, seed, log, label)
+            for c in configs:
+                for source, (images, info) in sets.items():
+                    key = f"{label}|{c}|{source}|{args.images}|{seed}"
+                    if key in cells:
+                        continue
                     t0 = time.perf_counter()
                     q = quantize_model(net, images, **parse_config(c))
                     acc = test_accuracy(q, ds.test_images, ds.test_labels)
                     ranges = [[round(m.act.lo, 4), round(m.act.hi, 4)] for m in q.modules()
                               if isinstance(m, QuantLayer) and m.act is not None]
-                    cells[f"{label}|{c}|{source}|{args.images}|{seed}"] = {
-                        "acc": acc, "seconds": round(time.perf_counter() - t0, 1),
-                        "act_ranges": ranges, **info}
+                    cells[key] = {"acc": acc, "seconds": round(time.perf_counter() - t0, 1),
+                                  "act_ranges": ranges, **info}
                     save()
                     log(f"  {label} {c:18s} {source:6s} seed {seed}: {100 * acc:.2f} %")
     write_results(cells, configs, args, pde)
@@ -229,8 +246,9 @@ def write_results(cells, configs, args, pde):
                 md.append(f"| {i + 2} | " + " | ".join(
                     f"[{rng[s][i][0]:.3g}, {rng[s][i][1]:.3g}]" for s in SOURCES) + " |")
             md.append("")
-    impl = getattr(pde, "bn_moments", None)
-    impl_name = f"{impl.__module__}.{impl.__name__}" if impl is not None else "missing"
+    impl_name = _bn_moments_impl()
+    used = sorted({f"{k.split('|')[0]}: `{v['bn_moments']}`" for k, v in cells.items()
+                   if "bn_moments" in v})
     distill = {k: v for k, v in cells.items() if "distill_seconds" in v}
     secs = sorted({(k.split("|")[0], v["distill_seconds"], v["iterations"]) for k, v in distill.items()})
     md += ["## Run", "",
@@ -238,7 +256,8 @@ def write_results(cells, configs, args, pde):
            f"--datasets {args.datasets} --seeds {args.seeds} --images {args.images} "
            f"--configs {args.configs}` (cells cached in benchmarks/runs/zeroq_quant/cells.json)",
            f"- machine: {cpu_model()}, {args.threads} thread(s), torch {torch.__version__}",
-           f"- `pde.bn_moments` used by BNStatMatcher: `{impl_name}`",
+           f"- `pde.bn_moments` in the last invocation: `{impl_name}`; used by BNStatMatcher "
+           "when each ZeroQ set was distilled: " + "; ".join(used),
            "- ZeroQ distillation seconds (dataset, s, iterations): "
            + ", ".join(f"{d} {s:.0f} s/{i}" for d, s, i in secs), ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
