@@ -1,0 +1,8 @@
+"""Trajectory matching (REFERENCE.md 5): the unrolled inner loop with exact / unroll / TESLA
+gradients (:mod:`.unroll`) and batched expert buffers (:mod:`.experts`)."""
+from pydistill_ext.methods.trajectory.unroll import (MODES, Augment, FlatModel, TrajectoryResult,
+                                                     derive_seed, param_distance_loss,
+                                                     step_batch, trajectory_step)
+
+__all__ = ["MODES", "Augment", "FlatModel", "TrajectoryResult", "derive_seed",
+           "param_distance_loss", "step_batch", "trajectory_step"]
