@@ -6,3 +6,7 @@ from pydistill_ext.methods.trajectory.unroll import (MODES, Augment, FlatModel, 
 
 __all__ = ["MODES", "Augment", "FlatModel", "TrajectoryResult", "derive_seed",
            "param_distance_loss", "step_batch", "trajectory_step"]
+from pydistill_ext.methods.trajectory.experts import (ExpertBuffer, ExpertConfig, expert_seed,
+                                                      train_experts)
+
+__all__ += ["ExpertBuffer", "ExpertConfig", "expert_seed", "train_experts"]
