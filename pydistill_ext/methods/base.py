@@ -75,7 +75,7 @@ def list_methods() -> List[str]:
 
 
 # modules whose import registers built-in methods (a method issue adds its module here)
-BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc")
+BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc", "trajectory.methods")
 
 
 def _load_builtin():

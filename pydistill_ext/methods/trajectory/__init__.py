@@ -10,3 +10,6 @@ from pydistill_ext.methods.trajectory.experts import (ExpertBuffer, ExpertConfig
                                                       train_experts)
 
 __all__ += ["ExpertBuffer", "ExpertConfig", "expert_seed", "train_experts"]
+from pydistill_ext.methods.trajectory.memory import SavedTensorMeter
+
+__all__ += ["SavedTensorMeter"]
