@@ -411,8 +411,9 @@ class DATM(MTT):
         return x.cpu()
 
     def _setup(self):
-        self.label_logits = self._init_logits.detach().clone().float().requires_grad_(True)
+        self.initial_label_logits = self._init_logits.detach().clone().float()
         del self._init_logits
+        self.label_logits = self.initial_label_logits.clone().requires_grad_(True)
         self.opt_y = torch.optim.SGD([self.label_logits], lr=self.hp["lr_y"],
                                      momentum=self.hp["momentum_y"])
 
