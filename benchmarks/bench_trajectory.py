@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -62,39 +64,94 @@ def _problem(shape, batch, seed=0):
     return fm, X, y, th0, tgt, Augment(strategy)
 
 
-def part_a(shape, batch, steps, reps):
+def _rss_rise(shape, batch, n, mode):
+    """Peak-RSS rise of one call, measured in a fresh process (glibc mmap threshold pinned so
+    freed blocks go back to the OS and cannot hide under the high-water mark)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([harness.ROOT, os.path.join(harness.ROOT, "python"),
+                                         env.get("PYTHONPATH", "")])
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_trajectory", "--measure-rss",
+                          shape, str(batch), str(n), mode], cwd=harness.ROOT, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return float("nan")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_rss(shape, batch, n, mode):
+    torch.set_num_threads(1)
+    fm, X, y, th0, tgt, aug = _problem(shape, batch)
+    lr = torch.tensor(0.01)
+    # warm-up (one step): one-time allocations (oneDNN primitives, thread pools) not counted
+    trajectory_step(X, y, th0, tgt, lr, 1, batch, 0, mode, model=fm, augment=aug)
+    gc.collect()
+    if not _rss_reset():
+        print(-1)
+        return
+    base = harness.current_rss_bytes()
+    res = trajectory_step(X, y, th0, tgt, lr, n, batch, 0, mode, model=fm, augment=aug)
+    print(_hwm() - base)
+    del res
+
+
+def _float64_check(shape, batch, n):
+    """exact vs unroll in float64 (the algorithmic difference) and each float32 gradient's
+    distance to the float64 one (the float32 floor of this problem)."""
+    fm, X, y, th0, tgt, aug = _problem(shape, batch)
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        fm.module.to(dt)
+        for mode in ("exact", "unroll"):
+            out[(dt, mode)] = trajectory_step(X.to(dt), y, th0.to(dt), tgt.to(dt),
+                                              torch.tensor(0.01, dtype=dt), n, batch, 0, mode,
+                                              model=fm, augment=aug).grad_images.double()
+    ref = out[(torch.float64, "unroll")]
+
+    def rel(a):
+        return float((a - ref).norm() / ref.norm())
+    return {"syn_steps": n, "float64_exact_vs_unroll": rel(out[(torch.float64, "exact")]),
+            "float32_exact_vs_float64": rel(out[(torch.float32, "exact")]),
+            "float32_unroll_vs_float64": rel(out[(torch.float32, "unroll")])}
+
+
+def part_a(shape, batch, steps, reps, rss=True):
     fm, X, y, th0, tgt, aug = _problem(shape, batch)
     lr = torch.tensor(0.01)
     rows = []
-    ref = {}
     for n in steps:
+        def call(mode):
+            return trajectory_step(X, y, th0, tgt, lr, n, batch, 0, mode, model=fm,
+                                   augment=aug)
+        grp, ref = {}, {}
         for mode in MODES:
-            def call():
-                return trajectory_step(X, y, th0, tgt, lr, n, batch, 0, mode, model=fm,
-                                       augment=aug)
-            gc.collect()
-            can = _rss_reset()
-            base = harness.current_rss_bytes()
             with SavedTensorMeter() as m:
-                res = call()
-            rss = (_hwm() - base) if can else float("nan")
-            t = harness.median_time(call, reps, warmup=0)
-            ref[mode] = res
+                ref[mode] = call(mode)
             store = 0 if mode == "unroll" else n * fm.num_params * 4
-            rows.append({"part": "modes", "shape": shape, "batch": batch, "syn_steps": n,
-                         "mode": mode, "saved_peak_bytes": m.peak, "theta_store_bytes": store,
-                         "total_bytes": m.peak + store, "rss_rise_bytes": rss, "seconds": t,
-                         "num_params": fm.num_params})
-            del res
+            grp[mode] = {"part": "modes", "shape": shape, "batch": batch, "syn_steps": n,
+                         "mode": mode, "saved_peak_bytes": m.peak,
+                         "theta_store_bytes": store, "total_bytes": m.peak + store,
+                         "num_params": fm.num_params, "cpu_s": [], "wall_s": []}
+        for _ in range(reps):                 # interleaved: load changes hit every mode
+            for mode in MODES:
+                gc.collect()
+                c0, w0 = time.process_time(), time.perf_counter()
+                call(mode)
+                grp[mode]["cpu_s"].append(time.process_time() - c0)
+                grp[mode]["wall_s"].append(time.perf_counter() - w0)
         e, u, ts = ref["exact"], ref["unroll"], ref["tesla"]
         rel = float((e.grad_images - u.grad_images).norm() / u.grad_images.norm())
         rel_t = float((ts.grad_images - e.grad_images).norm() / e.grad_images.norm())
         cos_t = float(torch.nn.functional.cosine_similarity(ts.grad_images.flatten(),
                                                             e.grad_images.flatten(), 0))
-        for r in rows[-3:]:
+        del ref, e, u, ts
+        for mode, r in grp.items():
+            r["seconds"] = statistics.median(r["cpu_s"])
+            r["wall_seconds"] = statistics.median(r["wall_s"])
+            r["rss_rise_bytes"] = _rss_rise(shape, batch, n, mode) if rss else float("nan")
             r.update({"exact_vs_unroll_rel_err": rel, "tesla_vs_exact_rel_err": rel_t,
                       "tesla_vs_exact_cos": cos_t})
-        ref.clear()
+            rows.append(r)
         print(_line_a(rows[-3:]), flush=True)
     return rows
 
@@ -107,15 +164,16 @@ def part_b(shape, k, epochs, n_images, batch):
     rows = []
     out = {}
     for batched in (True, False):
-        t0 = time.perf_counter()
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
         buf = train_experts(ds, "convnet", num_experts=k, epochs=epochs, batch=batch, seed=0,
                             batched=batched)
-        dt = time.perf_counter() - t0
+        wall, dt = time.perf_counter() - t0, time.process_time() - c0
         out[batched] = buf
         imgs = k * epochs * ds.train_images.shape[0]
         rows.append({"part": "experts", "dataset": ds.name, "train_images":
                      int(ds.train_images.shape[0]), "experts": k, "epochs": epochs,
-                     "batch": batch, "batched": batched, "seconds": dt,
+                     "batch": batch, "batched": batched, "seconds": dt, "wall_seconds": wall,
                      "images_per_s": imgs / dt})
     diff = max(float((out[True].trajectory(i) - out[False].trajectory(i)).abs().max())
                for i in range(k))
@@ -145,21 +203,33 @@ def _table(rows, argv):
                 f"P = {r0['num_params']:,}. Saved = peak live bytes saved for backward "
                 f"(counted by saved_tensors_hooks); θ store = θ_0..θ_(N−1) kept by exact/tesla "
                 f"(N·P·4 B); RSS = peak resident-memory rise during the call.", "",
-                "| syn_steps | mode | time s | saved MB | θ store MB | saved + θ MB | RSS rise MB |"
-                " exact/unroll time | exact vs unroll rel. err | TESLA vs exact rel. err (cos) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "Time = median CPU seconds of the process (single thread; the machine is shared, "
+                "so CPU time is steadier than wall time, also given).", "",
+                "| syn_steps | mode | CPU s | wall s | saved MB | θ store MB | saved + θ MB | "
+                "RSS rise MB | exact/unroll time | exact vs unroll rel. err (fp32) | "
+                "TESLA vs exact rel. err (cos) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for i in range(0, len(a), 3):
             grp = {r["mode"]: r for r in a[i:i + 3]}
             ratio = grp["exact"]["seconds"] / grp["unroll"]["seconds"]
             for mode in MODES:
                 r = grp[mode]
                 out.append(
-                    f"| {r['syn_steps']} | {mode} | {r['seconds']:.2f} | "
+                    f"| {r['syn_steps']} | {mode} | {r['seconds']:.2f} | {r['wall_seconds']:.2f} | "
                     f"{r['saved_peak_bytes'] / 2**20:.1f} | {r['theta_store_bytes'] / 2**20:.1f} | "
                     f"{r['total_bytes'] / 2**20:.1f} | {r['rss_rise_bytes'] / 2**20:.0f} | "
                     + (f"{ratio:.2f}× | {r['exact_vs_unroll_rel_err']:.1e} | "
                        f"{r['tesla_vs_exact_rel_err']:.3f} ({r['tesla_vs_exact_cos']:.4f}) |"
                        if mode == "exact" else " | | |"))
+        for r in rows:
+            if r["part"] == "float64":
+                out += ["", f"float64 check at syn_steps {r['syn_steps']} (same problem): exact vs "
+                            f"unroll relative error {r['float64_exact_vs_unroll']:.1e}; the "
+                            f"float32 gradients' distance to the float64 one: exact "
+                            f"{r['float32_exact_vs_float64']:.1e}, unroll "
+                            f"{r['float32_unroll_vs_float64']:.1e} — the fp32 difference between "
+                            f"the modes is this problem's float32 rounding floor, not the "
+                            f"method."]
         ex = [r for r in a if r["mode"] == "exact"]
         un = [r for r in a if r["mode"] == "unroll"]
         if len(ex) > 1:
@@ -173,14 +243,14 @@ def _table(rows, argv):
     b = [r for r in rows if r["part"] == "experts"]
     if b:
         out += ["", "**Expert ensemble** (K experts × epochs, ConvNet-3, SGD lr 0.01, DSA):", "",
-                "| dataset | train images | K | epochs | batch | training | seconds | "
-                "expert-images/s | batched / sequential | max abs diff |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| dataset | train images | K | epochs | batch | training | CPU s | wall s | "
+                "expert-images/s (CPU) | batched / sequential | max abs diff |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in b:
             out.append(f"| {r['dataset']} | {r['train_images']} | {r['experts']} | "
                        f"{r['epochs']} | {r['batch']} | "
                        f"{'vmap (batched)' if r['batched'] else 'sequential'} | "
-                       f"{r['seconds']:.1f} | {r['images_per_s']:.0f} | "
+                       f"{r['seconds']:.1f} | {r['wall_seconds']:.1f} | {r['images_per_s']:.0f} | "
                        f"{r['batched_over_sequential']:.2f}× | {r['max_abs_diff']:.1e} |")
     return "\n".join(out) + "\n"
 
@@ -198,6 +268,7 @@ def main(argv=None):
     p.add_argument("--expert-data", nargs="+", default=["digits:0:256", "mnist:2048:256"],
                    help="DATASET:N_IMAGES:BATCH for part B (0 = all)")
     p.add_argument("--skip-experts", action="store_true")
+    p.add_argument("--no-rss", action="store_true", help="skip the per-call RSS subprocesses")
     p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="bench_trajectory")
     p.add_argument("--threads", type=int, default=1)
@@ -205,11 +276,14 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     rows = []
     if a.smoke:
-        rows += part_a(a.shape, 2, [1, 2], 1)
+        rows += part_a(a.shape, 2, [1, 2], 1, rss=not a.no_rss)
+        rows.append({"part": "float64", **_float64_check(a.shape, 2, 2)})
         rows += part_b("digits", 2, 1, 64, 32)
         print(_table(rows, argv))
         return
-    rows += part_a(a.shape, a.batch, a.steps, a.reps)
+    rows += part_a(a.shape, a.batch, a.steps, a.reps, rss=not a.no_rss)
+    rows.append({"part": "float64", **_float64_check(a.shape, a.batch, min(a.steps))})
+    print(rows[-1], flush=True)
     if not a.skip_experts:
         for spec in a.expert_data:
             name, n, b = spec.split(":")
@@ -220,8 +294,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:   # see harness.peak_memory_subprocess
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.bench_trajectory",
-                                  *sys.argv[1:]])
-    main()
+    if len(sys.argv) == 6 and sys.argv[1] == "--measure-rss":
+        _measure_rss(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    else:
+        main()
