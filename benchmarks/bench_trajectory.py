@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import subprocess
@@ -33,7 +34,20 @@ from pydistill_ext.methods.trajectory import (Augment, FlatModel, SavedTensorMet
 from pydistill_ext.models import get_model
 
 STEPS = (10, 20, 40, 80)
-MODES = ("exact", "tesla", "unroll")
+# label -> (mode, checkpoint_every)
+VARIANTS = {"exact": ("exact", None), "exact-sqrt": ("exact", "sqrt"),
+            "tesla": ("tesla", None), "unroll": ("unroll", None)}
+MODES = tuple(VARIANTS)
+
+
+def _theta_store(label, n, p):
+    mode, every = VARIANTS[label]
+    if mode == "unroll":
+        return 0
+    if every is None:
+        return n * p * 4
+    k = max(1, math.ceil(math.sqrt(n)))
+    return (math.ceil(n / k) + k - 1) * p * 4
 
 
 def _rss_reset():
@@ -64,7 +78,7 @@ def _problem(shape, batch, seed=0):
     return fm, X, y, th0, tgt, Augment(strategy)
 
 
-def _rss_rise(shape, batch, n, mode):
+def _rss_rise(shape, batch, n, label):
     """Peak-RSS rise of one call, measured in a fresh process (glibc mmap threshold pinned so
     freed blocks go back to the OS and cannot hide under the high-water mark)."""
     env = dict(os.environ)
@@ -72,25 +86,27 @@ def _rss_rise(shape, batch, n, mode):
                                          env.get("PYTHONPATH", "")])
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_trajectory", "--measure-rss",
-                          shape, str(batch), str(n), mode], cwd=harness.ROOT, env=env,
+                          shape, str(batch), str(n), label], cwd=harness.ROOT, env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
         return float("nan")
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _measure_rss(shape, batch, n, mode):
+def _measure_rss(shape, batch, n, label):
     torch.set_num_threads(1)
     fm, X, y, th0, tgt, aug = _problem(shape, batch)
     lr = torch.tensor(0.01)
     # warm-up (one step): one-time allocations (oneDNN primitives, thread pools) not counted
+    mode, every = VARIANTS[label]
     trajectory_step(X, y, th0, tgt, lr, 1, batch, 0, mode, model=fm, augment=aug)
     gc.collect()
     if not _rss_reset():
         print(-1)
         return
     base = harness.current_rss_bytes()
-    res = trajectory_step(X, y, th0, tgt, lr, n, batch, 0, mode, model=fm, augment=aug)
+    res = trajectory_step(X, y, th0, tgt, lr, n, batch, 0, mode, model=fm, augment=aug,
+                          checkpoint_every=every)
     print(_hwm() - base)
     del res
 
@@ -120,14 +136,15 @@ def part_a(shape, batch, steps, reps, rss=True):
     lr = torch.tensor(0.01)
     rows = []
     for n in steps:
-        def call(mode):
+        def call(label):
+            mode, every = VARIANTS[label]
             return trajectory_step(X, y, th0, tgt, lr, n, batch, 0, mode, model=fm,
-                                   augment=aug)
+                                   augment=aug, checkpoint_every=every)
         grp, ref = {}, {}
         for mode in MODES:
             with SavedTensorMeter() as m:
                 ref[mode] = call(mode)
-            store = 0 if mode == "unroll" else n * fm.num_params * 4
+            store = _theta_store(mode, n, fm.num_params)
             grp[mode] = {"part": "modes", "shape": shape, "batch": batch, "syn_steps": n,
                          "mode": mode, "saved_peak_bytes": m.peak,
                          "theta_store_bytes": store, "total_bytes": m.peak + store,
@@ -140,6 +157,7 @@ def part_a(shape, batch, steps, reps, rss=True):
                 grp[mode]["cpu_s"].append(time.process_time() - c0)
                 grp[mode]["wall_s"].append(time.perf_counter() - w0)
         e, u, ts = ref["exact"], ref["unroll"], ref["tesla"]
+        assert torch.equal(ref["exact-sqrt"].grad_images, e.grad_images)
         rel = float((e.grad_images - u.grad_images).norm() / u.grad_images.norm())
         rel_t = float((ts.grad_images - e.grad_images).norm() / e.grad_images.norm())
         cos_t = float(torch.nn.functional.cosine_similarity(ts.grad_images.flatten(),
@@ -152,7 +170,7 @@ def part_a(shape, batch, steps, reps, rss=True):
             r.update({"exact_vs_unroll_rel_err": rel, "tesla_vs_exact_rel_err": rel_t,
                       "tesla_vs_exact_cos": cos_t})
             rows.append(r)
-        print(_line_a(rows[-3:]), flush=True)
+        print(_line_a(rows[-len(MODES):]), flush=True)
     return rows
 
 
@@ -209,8 +227,9 @@ def _table(rows, argv):
                 "RSS rise MB | exact/unroll time | exact vs unroll rel. err (fp32) | "
                 "TESLA vs exact rel. err (cos) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for i in range(0, len(a), 3):
-            grp = {r["mode"]: r for r in a[i:i + 3]}
+        nm = len(MODES)
+        for i in range(0, len(a), nm):
+            grp = {r["mode"]: r for r in a[i:i + nm]}
             ratio = grp["exact"]["seconds"] / grp["unroll"]["seconds"]
             for mode in MODES:
                 r = grp[mode]
@@ -240,6 +259,14 @@ def _table(rows, argv):
                         f"exact time / unroll time: "
                         + ", ".join(f"{e['seconds'] / u['seconds']:.2f}× (N={e['syn_steps']})"
                                     for e, u in zip(ex, un)) + "."]
+            sq = [r for r in a if r["mode"] == "exact-sqrt"]
+            if sq:
+                out += ["", f"exact with checkpoint_every='sqrt' (θ_i kept every ⌈√N⌉ steps, "
+                            f"segments recomputed; bitwise the same gradient): saved + θ "
+                            f"{sq[-1]['total_bytes'] / sq[0]['total_bytes']:.3f}× from "
+                            f"{sq[0]['syn_steps']} to {sq[-1]['syn_steps']} steps; time / unroll: "
+                            + ", ".join(f"{e['seconds'] / u['seconds']:.2f}× "
+                                        f"(N={e['syn_steps']})" for e, u in zip(sq, un)) + "."]
     b = [r for r in rows if r["part"] == "experts"]
     if b:
         out += ["", "**Expert ensemble** (K experts × epochs, ConvNet-3, SGD lr 0.01, DSA):", "",

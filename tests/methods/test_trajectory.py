@@ -107,6 +107,24 @@ def test_tesla_deviation_measured():
     assert rel > 1e-4          # an approximation, measured, not asserted equal
 
 
+@pytest.mark.parametrize("every", [2, 3, "sqrt"])
+def test_checkpointed_trajectory_is_bitwise_the_same(every):
+    """checkpoint_every=k keeps θ_i only every k steps and recomputes each segment in the
+    reverse sweep: the same operations on the same values, so the same bits."""
+    fm, X, y, th0, tgt = _problem(torch.float64, soft=True)
+    y = y.requires_grad_(True)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    kw = dict(model=fm, augment=Augment(STRATEGY))
+    for mode in ("exact", "tesla"):
+        a = trajectory_step(X, y, th0, tgt, lr, 7, 5, 11, mode, **kw)
+        b = trajectory_step(X, y, th0, tgt, lr, 7, 5, 11, mode, checkpoint_every=every, **kw)
+        assert torch.equal(a.grad_images, b.grad_images)
+        assert torch.equal(a.grad_lr, b.grad_lr) and torch.equal(a.grad_labels, b.grad_labels)
+        assert torch.equal(a.loss, b.loss)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        trajectory_step(X, y, th0, tgt, lr, 7, 5, 11, "exact", checkpoint_every=0, **kw)
+
+
 def test_minibatches_are_chunks_of_permutations():
     idx = torch.cat([step_batch(7, i, 10, 4) for i in range(3)])
     assert sorted(idx.tolist()) == list(range(10))      # 4 + 4 + 2 = one permutation

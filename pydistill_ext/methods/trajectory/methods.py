@@ -30,7 +30,9 @@ or extends it there if it is missing or too short: deterministic and resumable).
 small buffer is trained in memory at construction (``num_experts`` × (max_start_epoch +
 expert_epochs) epochs, the method's ``model``, ``expert_lr`` (0.01, MTT's buffer),
 ``expert_batch``, ``expert_sam``), which is meant
-for small data such as ``digits``; a warning says so.
+for small data such as ``digits``; a warning says so. Experts are trained as one vmapped
+ensemble on CUDA and one after another on the CPU, where the vmapped (grouped-convolution)
+ensemble measured slower (``benchmarks/results/bench_trajectory.md``).
 
 **Step-size guard.** The learned α can turn NaN, negative or explode (mtt-distillation issues
 6, 16, 20, 24, 42). After each update, if α is not finite, ≤ 0 or > ``max_syn_lr``, a
@@ -72,12 +74,13 @@ class MTT(DistillMethod):
         "min_start_epoch": 0, "max_start_epoch": 25, "lr_img": 1000.0, "lr_lr": 1e-5,
         "lr_teacher": 0.01, "batch_syn": 0, "model": "convnet", "mode": "exact",
         "dsa": True, "init": "real", "max_syn_lr": 0.0, "expert_batch": 256,
-        "expert_sam": None, "expert_lr": 0.01}
+        "expert_sam": None, "expert_lr": 0.01, "checkpoint_every": None}
     options = {"experts": str, "num_experts": int, "syn_steps": int, "expert_epochs": int,
                "min_start_epoch": int, "max_start_epoch": int, "lr_img": float,
                "lr_lr": float, "lr_teacher": float, "batch_syn": int, "model": str,
                "mode": str, "dsa": bool, "init": str, "max_syn_lr": float,
-               "expert_batch": int, "expert_sam": str, "expert_lr": float}
+               "expert_batch": int, "expert_sam": str, "expert_lr": float,
+               "checkpoint_every": str}   # an int k or "sqrt"
 
     def __init__(self, dataset, ipc, seed, device="cpu", **options):
         super().__init__(dataset, ipc, seed, device, **options)
@@ -87,6 +90,10 @@ class MTT(DistillMethod):
             hp[k] = int(hp[k])
         for k in ("lr_img", "lr_lr", "lr_teacher", "max_syn_lr", "expert_lr"):
             hp[k] = float(hp[k])
+        if hp["checkpoint_every"] in (None, "none", "", "None", 0, 1):
+            hp["checkpoint_every"] = None
+        elif hp["checkpoint_every"] != "sqrt":
+            hp["checkpoint_every"] = int(hp["checkpoint_every"])
         if hp["expert_sam"] in ("none", "", "None"):
             hp["expert_sam"] = None
         hp["dsa"] = _as_bool(hp["dsa"])
@@ -142,7 +149,8 @@ class MTT(DistillMethod):
         epochs = hp["max_start_epoch"] + hp["expert_epochs"]
         kw = dict(model_name=hp["model"], num_experts=hp["num_experts"], epochs=epochs,
                   lr=hp["expert_lr"], batch=hp["expert_batch"], dsa=hp["dsa"],
-                  seed=self.seed, sam=hp["expert_sam"])
+                  seed=self.seed, sam=hp["expert_sam"], device=self.device,
+                  batched=self.device.type == "cuda")
         if hp["experts"]:
             root = Path(hp["experts"])
             if (root / "buffer.json").exists():
@@ -154,7 +162,8 @@ class MTT(DistillMethod):
                 return train_experts(self.dataset, c.model, max(len(buf), 1), epochs, c.lr,
                                      c.batch, c.dsa, c.seed, root, momentum=c.momentum,
                                      weight_decay=c.weight_decay, sam=c.sam, rho=c.rho,
-                                     gsam_alpha=c.gsam_alpha, model_kwargs=c.model_kwargs)
+                                     gsam_alpha=c.gsam_alpha, model_kwargs=c.model_kwargs,
+                                     device=self.device, batched=self.device.type == "cuda")
             return train_experts(self.dataset, out_dir=root, **kw)
         warnings.warn(f"{self.name}: no expert buffer given (option experts=DIR); training "
                       f"{hp['num_experts']} experts x {epochs} epochs in memory. Fine for "
@@ -212,7 +221,9 @@ class MTT(DistillMethod):
         batch_syn = hp["batch_syn"] if hp["batch_syn"] > 0 else n
         res = trajectory_step(self.images, labels, theta0, target, self.syn_lr.detach(),
                               hp["syn_steps"], batch_syn, seed, hp["mode"], model=self.fm,
-                              augment=Augment(self.strategy, per_sample=True))
+                              augment=Augment(self.strategy, per_sample=True),
+                              checkpoint_every=(hp["checkpoint_every"]
+                                                if hp["mode"] != "unroll" else None))
         loss = float(res.loss)
         metrics = {"loss": loss, "start_epoch": float(start)}
         grads = [res.grad_images, res.grad_lr] + ([res.grad_labels]

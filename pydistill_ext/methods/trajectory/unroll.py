@@ -43,8 +43,9 @@ Three gradient modes, same API (:func:`trajectory_step`):
     same order up to floating-point association); the autograd graph alive at any time is
     that of ONE step, so saved-graph memory does not grow with N. What does grow is the
     trajectory storage θ_0..θ_{N−1}: N·P numbers (1.27 MB per step for ConvNet-3 on MNIST),
-    which is small next to one step's graph for realistic batches and is reported
-    separately by the benchmark.
+    which is reported separately by the benchmark; ``checkpoint_every`` cuts it to
+    ⌈N/k⌉ + k vectors (k = ⌈√N⌉: O(√N)) at the price of recomputing the forward steps of
+    each segment once more.
 
 ``tesla`` — TESLA, Cui et al., "Scaling Up Dataset Distillation to ImageNet-1K with Constant
 Memory", ICML 2023, Eq. (5)–(6) (REFERENCE.md 5.4)
@@ -69,7 +70,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +234,8 @@ def _check(images, labels, start_params, target_params, syn_lr, syn_steps, batch
 def trajectory_step(images: torch.Tensor, labels: torch.Tensor, start_params: torch.Tensor,
                     target_params: torch.Tensor, syn_lr: torch.Tensor, syn_steps: int,
                     batch_syn: int, seed: int, mode: str = "exact", *, model: FlatModel,
-                    augment: Optional[Augment] = None) -> TrajectoryResult:
+                    augment: Optional[Augment] = None,
+                    checkpoint_every: Union[int, str, None] = None) -> TrajectoryResult:
     """One trajectory-matching evaluation: N = ``syn_steps`` student steps from
     ``start_params`` on minibatches of ``batch_syn`` synthetic images, the MTT loss against
     ``target_params``, and its gradients (see the module docstring for the three modes).
@@ -242,6 +244,12 @@ def trajectory_step(images: torch.Tensor, labels: torch.Tensor, start_params: to
     is ignored: gradients are always returned); ``labels`` int64 [n] or float logits
     [n, classes] (a gradient is returned if they require grad). ``seed`` fixes every
     minibatch and augmentation. Inputs are not modified.
+
+    ``checkpoint_every`` (``exact`` / ``tesla``): keep θ_i only at every k-th step (k = the
+    int, or ⌈√N⌉ for ``"sqrt"``) and recompute each segment's θ_i from its checkpoint in the
+    reverse sweep — the same operations on the same values, so bitwise the same result —
+    trading ≈ N·(k−1)/k extra forward/backward passes for θ storage of ⌈N/k⌉ + k vectors
+    instead of N. Default: every θ_i is kept.
     """
     _check(images, labels, start_params, target_params, syn_lr, syn_steps, batch_syn, mode,
            model)
@@ -255,8 +263,12 @@ def trajectory_step(images: torch.Tensor, labels: torch.Tensor, start_params: to
     if mode == "unroll":
         return _unroll(model, X, Y, want_y, theta0, target, alpha, syn_steps, batch_syn, seed,
                        augment)
+    if mode == "unroll" and checkpoint_every is not None:
+        raise ValueError("checkpoint_every applies to the exact and tesla modes (unroll keeps "
+                         "the whole graph)")
+    k = _segment_length(checkpoint_every, syn_steps)
     return _adjoint(model, X, Y, want_y, theta0, target, alpha, syn_steps, batch_syn, seed,
-                    augment, exact=(mode == "exact"))
+                    augment, exact=(mode == "exact"), k=k)
 
 
 def _unroll(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augment):
@@ -277,18 +289,37 @@ def _unroll(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augm
                             theta.detach())
 
 
-def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augment, exact):
+def _segment_length(checkpoint_every, N: int) -> int:
+    if checkpoint_every is None:
+        return 1
+    if checkpoint_every == "sqrt":
+        return max(1, math.ceil(math.sqrt(N)))
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) \
+            or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be None, 'sqrt' or an int >= 1, got "
+                         f"{checkpoint_every!r}")
+    return min(checkpoint_every, N)
+
+
+def _sgd_step(step: "_Step", theta, alpha, i):
+    """θ_{i+1} = θ_i − α g_i without a graph (the forward pass of exact / tesla)."""
+    idx, t = step.batch(i)
+    th = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(step.loss(th, step.images[idx], step.labels[idx], t), th)
+    return (theta - alpha * g).detach()
+
+
+def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augment, exact,
+             k=1):
     step = _Step(model, X, Y, seed, batch_syn, augment)
-    # forward: detached steps, keep θ_0 .. θ_{N-1}
-    thetas: List[torch.Tensor] = []
+    # forward: detached steps, keeping θ_i at i = 0, k, 2k, ... (k = 1: every θ_i)
+    checkpoints: List[torch.Tensor] = []
     theta = theta0
     for i in range(N):
-        thetas.append(theta)
-        idx, t = step.batch(i)
-        th = theta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            g, = torch.autograd.grad(step.loss(th, X[idx], Y[idx], t), th)
-        theta = (theta - alpha * g).detach()
+        if i % k == 0:
+            checkpoints.append(theta)
+        theta = _sgd_step(step, theta, alpha, i)
     theta_n = theta
     D = (theta0 - target).pow(2).sum()
     loss = (theta_n - target).pow(2).sum() / D
@@ -296,23 +327,31 @@ def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, aug
     gX = torch.zeros_like(X)
     gY = torch.zeros_like(Y) if want_y else None
     g_alpha = torch.zeros((), dtype=X.dtype, device=X.device)
-    # reverse sweep: rebuild step i, one double-backward per step
-    for i in range(N - 1, -1, -1):
-        idx, t = step.batch(i)
-        th = thetas[i].detach().requires_grad_(True)
-        xb = X[idx].detach().requires_grad_(True)
-        yb = Y[idx].detach().requires_grad_(want_y)
-        with torch.enable_grad():
-            ell = step.loss(th, xb, yb, t)
-            g, = torch.autograd.grad(ell, th, create_graph=True)
-            v = torch.dot(lam, g)                            # λ_{i+1} · g_i
-            inputs = [xb] + ([yb] if want_y else []) + ([th] if exact else [])
-            grads = torch.autograd.grad(v, inputs)
-        g_alpha -= v.detach()                                # ∂L/∂α += −λ·g_i
-        gX.index_add_(0, idx, -alpha * grads[0])             # ∂L/∂X += −α ∇_X(λ·g_i)
-        if want_y:
-            gY.index_add_(0, idx, -alpha * grads[1])
-        if exact:
-            lam = lam - alpha * grads[-1]                    # λ_i = λ_{i+1} − α H_i λ_{i+1}
-        del ell, g, v, grads, th, xb, yb
+    # reverse sweep, segment by segment: recompute the segment's θ_i from its checkpoint (the
+    # same operations on the same values: bitwise the θ_i of the forward pass), then rebuild
+    # each step i and take one double-backward
+    for s in range(len(checkpoints) - 1, -1, -1):
+        i0, i1 = s * k, min(s * k + k, N)
+        thetas = [checkpoints[s]]
+        for i in range(i0, i1 - 1):
+            thetas.append(_sgd_step(step, thetas[-1], alpha, i))
+        for i in range(i1 - 1, i0 - 1, -1):
+            idx, t = step.batch(i)
+            th = thetas[i - i0].detach().requires_grad_(True)
+            xb = X[idx].detach().requires_grad_(True)
+            yb = Y[idx].detach().requires_grad_(want_y)
+            with torch.enable_grad():
+                ell = step.loss(th, xb, yb, t)
+                g, = torch.autograd.grad(ell, th, create_graph=True)
+                v = torch.dot(lam, g)                        # λ_{i+1} · g_i
+                inputs = [xb] + ([yb] if want_y else []) + ([th] if exact else [])
+                grads = torch.autograd.grad(v, inputs)
+            g_alpha -= v.detach()                            # ∂L/∂α += −λ·g_i
+            gX.index_add_(0, idx, -alpha * grads[0])         # ∂L/∂X += −α ∇_X(λ·g_i)
+            if want_y:
+                gY.index_add_(0, idx, -alpha * grads[1])
+            if exact:
+                lam = lam - alpha * grads[-1]                # λ_i = λ_{i+1} − α H_i λ_{i+1}
+            del ell, g, v, grads, th, xb, yb
+        del thetas
     return TrajectoryResult(loss, gX, g_alpha, gY, theta_n)
