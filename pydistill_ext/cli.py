@@ -169,9 +169,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def eval_lr(lr, syn) -> float:
+    """The evaluation lr: ``lr`` if given, else the learned ``syn_lr`` stored in the set
+    (trajectory-matching methods evaluate with it, REFERENCE.md 5.7), else 0.01."""
+    if lr is not None:
+        return float(lr)
+    if "syn_lr" in syn.extras:
+        return float(syn.extras["syn_lr"].reshape(-1)[0])
+    return 0.01
+
+
 def _eval_one(args, syn, ds, model, rank, world, device):
     from pydistill_ext.evaluation import EvalConfig, EvalResult, evaluate_synset
-    config = EvalConfig(model=model, epochs=args.epochs, lr=args.lr,
+    config = EvalConfig(model=model, epochs=args.epochs, lr=eval_lr(args.lr, syn),
                         batch_size=args.batch_size, augment=args.augment, device=device)
     seeds = [args.seed + r for r in range(args.repeats)]
     mine = seeds[rank::world]
@@ -237,7 +247,8 @@ def cmd_bench(args) -> int:
              "fused_linear_kd_loss": "benchmarks.bench_fused_linear_kd_loss",
              "feature_ops": "benchmarks.bench_feature_ops",
              "dm_datadam": "benchmarks.bench_dm_datadam",
-             "bn_moments": "benchmarks.bench_bn_moments"}
+             "bn_moments": "benchmarks.bench_bn_moments",
+             "trajectory": "benchmarks.bench_trajectory"}
     for op in args.ops or list(known):
         if op not in known:
             raise SystemExit(f"unknown benchmark {op!r}; known: {', '.join(known)}")
@@ -323,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=1000)
     e.add_argument("--repeats", type=int, default=5)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--lr", type=float, default=0.01)
+    e.add_argument("--lr", type=float, default=None,
+                   help="training lr (default: the set's learned step size syn_lr if it has "
+                        "one, as MTT/TESLA/DATM/FTD evaluate, else 0.01)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--augment", default="dsa", choices=["dsa", "none"])
     e.add_argument("--out", default=None, help="where eval_<model>.json goes (default: beside path)")

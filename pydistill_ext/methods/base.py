@@ -75,7 +75,8 @@ def list_methods() -> List[str]:
 
 
 # modules whose import registers built-in methods (a method issue adds its module here)
-BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc", "bn_synthesis", "zeroq")
+BUILTIN_MODULES = ("baselines", "dm", "datadam", "dc", "bn_synthesis", "zeroq",
+                   "trajectory.methods")
 
 
 def _load_builtin():
