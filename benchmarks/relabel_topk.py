@@ -120,16 +120,17 @@ def render_md(data: dict) -> str:
         lines.append("")
     groups = {}
     for key, cell in data["cells"].items():
-        g = (cell["dataset"], cell["ipc"], cell["epochs"], cell["batch_size"],
-             cell.get("mix") or "", cell["temperature"])
+        g = (cell["dataset"], cell.get("tag") or "", cell["ipc"], cell["epochs"],
+             cell["batch_size"], cell.get("mix") or "", cell["temperature"])
         groups.setdefault(g, []).append(cell)
     order = {"hard": -1, "online": 10 ** 6}
     for g in sorted(groups):
-        ds, ipc, ep, bs, mix, t = g
+        ds, tag, ipc, ep, bs, mix, t = g
         cells = sorted(groups[g], key=lambda c: order.get(c["label"], c.get("k") or 0))
         c0 = cells[0]
         mixs = f", {mix} per batch" if mix else ""
-        lines += [f"## {ds}, IPC {ipc}, {ep} epochs, batch {bs}{mixs}, T = {t:g}", "",
+        tags = f" ({tag})" if tag else ""
+        lines += [f"## {ds}{tags}, IPC {ipc}, {ep} epochs, batch {bs}{mixs}, T = {t:g}", "",
                   f"Teacher {c0['teacher']} (test accuracy {100 * c0['teacher_accuracy']:.2f} %"
                   f" on the evaluated test images); {c0['n_images']} images, "
                   f"{c0['n_images'] * ep} stored crops; crop scale {c0['crop_scale']}; "
@@ -195,6 +196,8 @@ def main(argv=None):
                    help="evaluate on this many test images (seeded permutation) to save time")
     p.add_argument("--mix", default=None, choices=["cutmix", "mixup"],
                    help="one CutMix (alpha 1) / Mixup (alpha 0.8) per batch, as SRe2L's relabel")
+    p.add_argument("--tag", default="", help="label of this setting (part of the cell key), "
+                   "e.g. the teacher when one dataset is run with two")
     p.add_argument("--no-hard", action="store_true")
     p.add_argument("--online", action="store_true", help="also the online-teacher variant")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -244,14 +247,16 @@ def main(argv=None):
     def base_cell(label, t, k=None):
         return {"dataset": args.dataset, "ipc": args.ipc, "epochs": args.epochs,
                 "batch_size": args.batch_size, "temperature": t, "label": label, "k": k,
-                "mix": args.mix,
+                "mix": args.mix, "tag": args.tag,
                 "teacher": tname, "teacher_accuracy": t_acc, "n_images": int(X.shape[0]),
                 "crop_scale": list(crop_scale), "test_images": test_desc, "seeds": args.seeds,
                 "accuracies": [], "train_seconds": []}
 
     def key_of(label, t):
         mix = f"|{args.mix}" if args.mix else ""
-        return f"{args.dataset}|ipc{args.ipc}|e{args.epochs}|b{args.batch_size}{mix}|T{t:g}|{label}"
+        tag = f"|{args.tag}" if args.tag else ""
+        return (f"{args.dataset}{tag}|ipc{args.ipc}|e{args.epochs}|b{args.batch_size}{mix}"
+                f"|T{t:g}|{label}")
 
     jobs = []
     for t in args.temperatures:
