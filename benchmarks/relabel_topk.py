@@ -160,7 +160,8 @@ def render_md(data: dict) -> str:
             s = dense[0]["storage"]
             lines += ["", f"Dense fp32 soft labels of the same crops: "
                       f"{_fmt_bytes(s['dense_fp32_soft_labels'])} ({s['dense_fp32_per_crop']} B / "
-                      f"crop); dense fp16: {_fmt_bytes(s['dense_fp16_soft_labels'])}.", ""]
+                      f"crop); dense fp16: {_fmt_bytes(s['dense_fp16_soft_labels'])}."]
+        lines.append("")
     lines += ["## Bytes per crop at larger label spaces (arithmetic, not measured)", "",
               "values fp16 (2 B) + indices (uint8 up to 256 classes, int16 up to 32768) per kept "
               "logit (k = V: dense fp16, 2·V B), vs 4·V B for dense fp32; ImageNet-1K IPC 10 relabelled for 300 epochs = "
