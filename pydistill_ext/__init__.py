@@ -8,10 +8,11 @@ from pydistill_ext.ops.kd_loss import DIVERGENCES, REDUCTIONS, kd_loss, kd_loss_
 from pydistill_ext.ops.attention_map import attention_map
 from pydistill_ext.ops.class_mean import class_mean, class_moments
 from pydistill_ext.ops.gradient_match import gradient_match_distance
+from pydistill_ext.ops.dsa_augment import dsa_augment
 from pydistill_ext.losses.kd import KDLoss, FusedLinearKDLoss, fused_linear_kd_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "KDLoss", "FusedLinearKDLoss",
            "DIVERGENCES", "REDUCTIONS", "class_mean", "class_moments",
-           "attention_map", "gradient_match_distance", "__version__"]
+           "attention_map", "gradient_match_distance", "dsa_augment", "__version__"]
