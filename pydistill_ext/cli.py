@@ -190,7 +190,8 @@ def cmd_bench(args) -> int:
     known = {"kd_loss": "benchmarks.bench_kd_loss",
              "fused_linear_kd_loss": "benchmarks.bench_fused_linear_kd_loss",
              "feature_ops": "benchmarks.bench_feature_ops",
-             "dm_datadam": "benchmarks.bench_dm_datadam"}
+             "dm_datadam": "benchmarks.bench_dm_datadam",
+             "dsa_augment": "benchmarks.bench_dsa_augment"}
     for op in args.ops or list(known):
         if op not in known:
             raise SystemExit(f"unknown benchmark {op!r}; known: {', '.join(known)}")

@@ -1,6 +1,8 @@
-// The per-output-pixel math of the fused DSA op (dsa_apply_forward / dsa_apply_backward),
-// shared by the CPU kernel (csrc/cpu/dsa_augment_kernel.cpp) and the CUDA kernel
-// (csrc/cuda/dsa_augment_kernel.cu). Host + device, no allocation.
+// The per-output-pixel math of the fused DSA op (dsa_apply_forward / dsa_apply_backward):
+// the parameter layout, affine_grid / grid_sample coordinates, and the nested tap list used
+// as-is by the CUDA kernel (csrc/cuda/dsa_augment_kernel.cu); the CPU kernel
+// (csrc/cpu/dsa_augment_kernel.cpp) evaluates the same sums stage by stage from the same
+// coordinate functions. Host + device, no allocation.
 //
 // The transform is the canonical DSA chain (pydistill_ext/augment/dsa.py), every op optional,
 // in this order:
