@@ -70,12 +70,16 @@ struct Worker {
   std::vector<T> ctx, cty;            //               fractional parts
   std::vector<T> A;                   // [(C + 1) * HW] stage-A planes (forward) / their
                                       // gradients (backward)
+  bool ident;                         // no crop / cutout / flip: fmap is the identity
 
   Worker(int64_t C_, int64_t H_, int64_t W_, int64_t flags_, bool align_)
       : C(C_), H(H_), W(W_), HW(H_ * W_), flags(flags_), align(align_), bx(W_), by(H_),
-        fmap(H_ * W_), cx0(W_), cy0(H_), ctx(W_), cty(H_), A((C_ + 1) * H_ * W_) {
+        fmap(H_ * W_), cx0(W_), cy0(H_), ctx(W_), cty(H_), A((C_ + 1) * H_ * W_),
+        ident(!(flags_ & (dsa::kCrop | dsa::kCutout | dsa::kFlip))) {
     for (int64_t j = 0; j < W; ++j) bx[j] = dsa::base_coord<T>(j, W, align);
     for (int64_t i = 0; i < H; ++i) by[i] = dsa::base_coord<T>(i, H, align);
+    if (ident)
+      for (int64_t q = 0; q < HW; ++q) fmap[q] = static_cast<int32_t>(q);
   }
 
   // pixel coordinate -> (first corner, fraction); far outside or NaN: a corner pair that is
@@ -92,7 +96,7 @@ struct Worker {
   }
 
   void prepare(const dsa::Sample<T>& s) {
-    for (int64_t r = 0; r < H; ++r) {
+    for (int64_t r = 0; r < H && !ident; ++r) {
       for (int64_t c0 = 0; c0 < W; ++c0) {
         int64_t rr = r, c = ((flags & dsa::kFlip) && s.flip) ? W - 1 - c0 : c0;
         int32_t idx = -1;
@@ -175,12 +179,40 @@ void dsa_forward_impl(const scalar_t* x, const double* params, scalar_t* y, int6
       // first small pass: mu = mean of x[n] (contrast only)
       T mu = T(0);
       if (flags & dsa::kContrast) {
-        double acc = 0.0;
-        for (int64_t e = 0; e < CHW; ++e) acc += static_cast<double>(xn[e]);
-        mu = static_cast<T>(acc / static_cast<double>(CHW));
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};  // 4 chains: not latency-bound
+        int64_t e = 0;
+        for (; e + 4 <= CHW; e += 4)
+          for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(xn[e + u]);
+        for (; e < CHW; ++e) acc[0] += static_cast<double>(xn[e]);
+        mu = static_cast<T>(((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<double>(CHW));
       }
       const T gamma = s.bright + s.one_minus_k * mu;
       wk.prepare(s);
+      if (wk.ident && !(flags & (dsa::kScale | dsa::kRotate))) {
+        // colour only: plane loops (the channel-sum plane in A, then every channel)
+        T* msum = A;
+        if (s.beta != T(0)) {
+          std::fill(msum, msum + HW, T(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* xc = xn + c * HW;
+            for (int64_t p = 0; p < HW; ++p) msum[p] += static_cast<T>(xc[p]);
+          }
+        }
+        const T invC = T(1) / static_cast<T>(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* xc = xn + c * HW;
+          scalar_t* yc = yn + c * HW;
+          if (s.beta != T(0)) {
+            for (int64_t p = 0; p < HW; ++p)
+              yc[p] = static_cast<scalar_t>(s.alpha * static_cast<T>(xc[p]) +
+                                            s.beta * (msum[p] * invC) + gamma);
+          } else {
+            for (int64_t p = 0; p < HW; ++p)
+              yc[p] = static_cast<scalar_t>(s.alpha * static_cast<T>(xc[p]) + gamma);
+          }
+        }
+        continue;
+      }
       if (!(flags & (dsa::kScale | dsa::kRotate))) {
         // no resampling: one tap of weight 1 (or none) per pixel, straight from fmap
         for (int64_t p = 0; p < HW; ++p) {
