@@ -139,10 +139,9 @@ def main(argv=None):
                            speedup_vs_compile=res["compile"] / res["fused"])
                 rows.append(row)
                 print(_line(row), flush=True)
-    table = _table(rows)
-    print(table)
-    if not (a.smoke or a.print_only):
-        harness.write_results(a.name, rows, table, a.out)
+                if not (a.smoke or a.print_only):  # after every row: a cut-short run keeps them
+                    harness.write_results(a.name, rows, _table(rows), a.out)
+    print(_table(rows))
 
 
 def _line(r):
@@ -154,8 +153,8 @@ def _line(r):
 
 def _table(rows):
     m = harness.machine()
-    gpu = f" GPU {m['gpu']} (the rows with device cuda)," if "gpu" in m else ""
-    out = [f"Machine: {m['cpu']}, {os.cpu_count()} logical CPUs,{gpu} (shared with other jobs: "
+    gpu = f", GPU {m['gpu']} (the rows with device cuda)" if "gpu" in m else ""
+    out = [f"Machine: {m['cpu']}, {os.cpu_count()} logical CPUs{gpu} (shared with other jobs: "
            f"noisy), torch {m['torch']}, at::vec {m['cpu_capability']}, THP_MEM_ALLOC_ENABLE "
            f"{m['THP_MEM_ALLOC_ENABLE'] or 'unset'}. float32, per_sample=True, median ms per "
            f"call (mode single: mean over one transform of each group). fused = the native op; "
