@@ -8,7 +8,8 @@
 # Knobs (environment):
 #   GPU_CHECK_BUDGET_S  wall-clock budget of the whole script, seconds (default 560: one device
 #                       command may run 600 s). Each stage gets what is left, in this order:
-#                       build, tests/cuda, tests/triton, benchmark, tests/ops (CPU-only tests,
+#                       build, tests/cuda, tests/triton, benchmarks (kd_loss, then dsa_augment
+#                       with what is left), tests/ops (CPU-only tests,
 #                       last: they need no GPU).
 #   STAGES              subset of "env build cuda triton bench bnbench ops" (default: all but
 #                       the opt-in bnbench), e.g. split
@@ -151,6 +152,13 @@ if want bench; then
     timeout -s INT -k 15 $(( b + 60 )) "$PY" benchmarks/bench_kd_loss_gpu.py \
       --out "$OUT/bench_kd_loss_gpu.json" --budget-s "$b" > "$OUT/bench.log" 2>&1 || rc=$?
     if (( rc == 0 )); then STATUS+=("bench: ok"); else STATUS+=("bench: FAILED (rc=$rc)"); tail -30 "$OUT/bench.log"; fi
+    # fused DSA op vs per-image loop vs batched torch, CUDA, table appended to bench.log
+    b=$(( $(left) - reserve - 15 ))
+    if (( b >= 40 )); then
+      timeout -s INT -k 10 "$b" "$PY" -m benchmarks.bench_dsa_augment --device cuda --reps 5 \
+        --no-compile --print-only >> "$OUT/bench.log" 2>&1 && STATUS+=("bench dsa_augment: ok") \
+        || STATUS+=("bench dsa_augment: FAILED or out of time")
+    fi
   fi
 fi
 

@@ -27,4 +27,13 @@ TORCH_LIBRARY_FRAGMENT(pydistill_ext, m) {
   // Gradients of grad * distance w.r.t. both lists (empty lists where not asked).
   m.def("gradient_match_backward(Tensor grad, Tensor[] grads_a, Tensor[] grads_b, "
         "Tensor row_stats, str metric, bool need_a, bool need_b) -> (Tensor[], Tensor[])");
+
+  // Fused DSA transform (pydistill_ext/augment/dsa.py, math in pydistill/dsa_taps.h) of x
+  // [N, C, H, W]: colour, crop, cutout, flip, scale, rotate in that order, each present or not,
+  // one pass per output pixel. params [N, 14] float64 per-sample values, flags the ops present
+  // (1 crop, 2 cutout, 4 flip, 8 scale, 16 rotate, 32 contrast). Returns y in x's dtype.
+  m.def("dsa_apply_forward(Tensor x, Tensor params, int flags, bool align_corners) -> Tensor");
+  // Gradient w.r.t. x of sum(grad_out * y) (the op is affine in x: x itself is not needed).
+  m.def("dsa_apply_backward(Tensor grad_out, Tensor params, int flags, bool align_corners) "
+        "-> Tensor");
 }

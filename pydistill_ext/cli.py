@@ -248,7 +248,8 @@ def cmd_bench(args) -> int:
              "feature_ops": "benchmarks.bench_feature_ops",
              "dm_datadam": "benchmarks.bench_dm_datadam",
              "bn_moments": "benchmarks.bench_bn_moments",
-             "trajectory": "benchmarks.bench_trajectory"}
+             "trajectory": "benchmarks.bench_trajectory",
+             "dsa_augment": "benchmarks.bench_dsa_augment"}
     for op in args.ops or list(known):
         if op not in known:
             raise SystemExit(f"unknown benchmark {op!r}; known: {', '.join(known)}")

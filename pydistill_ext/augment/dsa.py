@@ -1,4 +1,4 @@
-"""Differentiable Siamese Augmentation (DSA), the pure-PyTorch reference / eager path.
+"""Differentiable Siamese Augmentation (DSA): parameters, and the pure-PyTorch reference path.
 
 Zhao & Bilen, "Dataset Condensation with Differentiable Siamese Augmentation", ICML 2021.
 Semantics and defaults follow `VICO-UoE/DatasetCondensation: utils.py` (`ParamDiffAug`,
@@ -6,11 +6,14 @@ Semantics and defaults follow `VICO-UoE/DatasetCondensation: utils.py` (`ParamDi
 `torch.Generator` seeded with the caller's ``seed`` (the original reseeds the global RNG with
 ``seed + k`` before its k-th draw, on the tensor's device).
 
-Two steps, both public so that a fused kernel can later consume the same parameters:
+Two steps, both public (the fused native op consumes the same parameters):
 
 * :func:`dsa_params` draws a :class:`DSATransform` (plain CPU tensors, one value per sample)
   from ``seed`` and the batch shape. It never looks at pixel values.
-* :func:`dsa_apply` applies a transform to a batch, differentiably w.r.t. the batch.
+* :func:`dsa_apply` applies a transform to a batch, differentiably w.r.t. the batch: by
+  default through the fused op ``pydistill_ext::dsa_apply_forward``
+  (pydistill_ext/ops/dsa_augment.py), with ``fused=False`` through the per-op torch code of
+  this module (the reference, and the fallback for ops in a non-canonical order).
 
 :func:`dsa_augment` is the two in sequence.
 
@@ -355,17 +358,28 @@ def _check_transform(t: DSATransform, x: torch.Tensor) -> None:
                                  f"got {got}")
 
 
-def dsa_apply(x: torch.Tensor, transform: DSATransform) -> torch.Tensor:
+def dsa_apply(x: torch.Tensor, transform: DSATransform, *, fused: bool = True) -> torch.Tensor:
     """Apply a transform drawn by :func:`dsa_params` to ``x`` [N, C, H, W] (differentiable).
 
     Returns a tensor of x's shape and dtype on x's device. float16 / bfloat16 are computed in
     float32 and rounded once at the end. An empty transform (strategy ``"none"``) or an empty
     ``x`` returns ``x`` itself, as the original.
+
+    ``fused=True`` (default) runs the native op ``pydistill_ext::dsa_apply_forward`` (one pass
+    per output pixel, pydistill_ext/ops/dsa_augment.py) whenever the transform's ops are in the
+    canonical order colour, crop, cutout, flip, scale, rotate (every strategy whose groups are
+    listed in that order); otherwise, or with ``fused=False``, the pure-torch chain of
+    per-op tensor operations below (the reference). Both agree up to float rounding.
     """
     _check_x(x)
     _check_transform(transform, x)
     if not transform.ops or x.numel() == 0:
         return x
+    if fused:
+        from pydistill_ext.ops.dsa_augment import dsa_apply_fused, pack_transform
+        packed = pack_transform(transform)
+        if packed is not None:
+            return dsa_apply_fused(x, packed[0], packed[1], transform.align_corners)
     y = x if x.dtype in (torch.float32, torch.float64) else x.float()
     for op in transform.ops:
         y = _apply_op(y, op, transform.align_corners)
@@ -374,7 +388,7 @@ def dsa_apply(x: torch.Tensor, transform: DSATransform) -> torch.Tensor:
 
 def dsa_augment(x: torch.Tensor, *, seed: int, strategy: str = DEFAULT_STRATEGY,
                 per_sample: bool = False, mode: str = "single",
-                params: Optional[DSAParams] = None) -> torch.Tensor:
+                params: Optional[DSAParams] = None, fused: bool = True) -> torch.Tensor:
     """Differentiable Siamese Augmentation of ``x`` [N, C, H, W] driven by ``seed``.
 
     ``dsa_apply(x, dsa_params(seed, x.shape, strategy=..., ...))``. ``strategy`` is
@@ -386,7 +400,9 @@ def dsa_augment(x: torch.Tensor, *, seed: int, strategy: str = DEFAULT_STRATEGY,
     sample its own parameters (the original's unseeded evaluation-time mode) and is Siamese
     only between batches of equal size. Same seed, shape and options -> bitwise identical
     output; the global RNG is never touched.
+
+    ``fused`` as in :func:`dsa_apply` (True: the native op; False: the pure-torch path).
     """
     _check_x(x)
     return dsa_apply(x, dsa_params(seed, x.shape, strategy=strategy, per_sample=per_sample,
-                                   mode=mode, params=params))
+                                   mode=mode, params=params), fused=fused)

@@ -98,4 +98,20 @@ inline void check_gradient_match_args(at::TensorList a, at::TensorList b) {
   }
 }
 
+// dsa_apply_forward / dsa_apply_backward: x (or grad_out) [N, C, H, W] floating, params
+// [N, 14] float64 on the same device (layout in pydistill/dsa_taps.h), flags in [0, 63].
+inline void check_dsa_apply_args(const at::Tensor& x, const char* x_name, const at::Tensor& params,
+                                 int64_t flags) {
+  check_floating(x, x_name);
+  TORCH_CHECK(x.dim() == 4, "pydistill_ext: ", x_name, " must be [N, C, H, W], got shape ",
+              x.sizes());
+  TORCH_CHECK(params.scalar_type() == at::kDouble, "pydistill_ext: params must be float64, got ",
+              params.scalar_type());
+  TORCH_CHECK(params.dim() == 2 && params.size(0) == x.size(0) && params.size(1) == 14,
+              "pydistill_ext: params must be [N, 14] with N = ", x_name, ".size(0) = ", x.size(0),
+              ", got shape ", params.sizes());
+  check_same_device(x, x_name, params, "params");
+  TORCH_CHECK(flags >= 0 && flags <= 63, "pydistill_ext: flags must be in [0, 63], got ", flags);
+}
+
 }  // namespace pydistill
