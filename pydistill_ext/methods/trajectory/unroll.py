@@ -74,8 +74,9 @@ The detached forward sweep of ``exact`` / ``tesla`` takes its steps with
 running sum G = Σ_i g_i in the same pass; ``tesla`` takes ∂L/∂α = −λ_N · G from it (TESLA's
 Eq. 6 form) instead of summing −λ_N · g_i in the reverse sweep. The reverse sweep recomputes
 θ_i with the same op, so checkpointed segments stay bitwise equal to the stored θ_i. ``unroll``
-keeps the eager ``θ − α g`` (it needs the autograd graph of the step anyway; see
-benchmarks/results/bench_trajectory_ops.md for what the fused step saves).
+takes its differentiable steps with the same op too (its autograd backward is one addcmul and
+one dot product instead of the eager mul / sub nodes; the G output is discarded there). Timings
+of both ops against the eager forms: benchmarks/results/bench_trajectory_ops.md.
 """
 from __future__ import annotations
 
@@ -312,11 +313,14 @@ def _unroll(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augm
     Yv = Y.clone().requires_grad_(True) if want_y else Y
     step = _Step(model, X, Yv, seed, batch_syn, augment)
     theta = theta0.clone().requires_grad_(True)
+    fused = _fused(theta0)
+    zero = torch.zeros_like(theta0) if fused else None       # G input, output unused
+    a_t = a.to(theta0.dtype)
     for i in range(N):
         idx, t = step.batch(i)
         ell = step.loss(theta, X[idx], Yv[idx], t)
         g, = torch.autograd.grad(ell, theta, create_graph=True)
-        theta = theta - a * g
+        theta = _ops.sgd_step_accumulate(theta, g, a_t, zero)[0] if fused else theta - a * g
     loss = param_distance_loss(theta, target, theta0)
     inputs = [X, a] + ([Yv] if want_y else [])
     grads = torch.autograd.grad(loss, inputs)
