@@ -13,6 +13,11 @@ CPU, float32, 1 thread, at P = 317,706 (the ConvNet of pydistill_ext/models on M
 
 Median wall times, the variants taking turns rep by rep (interleaved), after warm-up.
 
+In context: one ``trajectory_step`` (ConvNet on MNIST shapes, P = 317,706, 10 synthetic images,
+syn_steps 10, batch_syn 10, DSA, the problem of benchmarks/bench_trajectory.py) per mode with
+the fused ops vs the same code on its eager path (``unroll._fused`` forced False), to show what
+share of an iteration the two ops are.
+
     OMP_NUM_THREADS=1 python -m benchmarks.bench_trajectory_ops --reps 31
                                                   # results/bench_trajectory_ops.{json,md}
     python -m benchmarks.bench_trajectory_ops --smoke   # tiny, 1 rep, nothing written
@@ -108,6 +113,29 @@ def cases(P, dtype=torch.float32):
     }
 
 
+def in_context(reps, steps=10):
+    from benchmarks.bench_trajectory import _problem
+    from pydistill_ext.methods.trajectory import unroll
+    fm, X, y, th0, tgt, aug = _problem("mnist", 10)
+    lr = torch.tensor(0.01)
+    real = unroll._fused
+    out = []
+    for mode in ("exact", "tesla", "unroll"):
+        def run(fused, mode=mode):
+            unroll._fused = real if fused else (lambda *ts: False)
+            try:
+                return unroll.trajectory_step(X, y, th0, tgt, lr, steps, 10, 0, mode, model=fm,
+                                              augment=aug)
+            finally:
+                unroll._fused = real
+        m = interleaved_medians({"fused": lambda: run(True), "eager": lambda: run(False)},
+                                reps, 1)
+        out.append(dict(P=fm.num_params, op="trajectory_step", mode=mode, steps=steps,
+                        threads=torch.get_num_threads(), dtype="float32", fused_s=m["fused"],
+                        eager_s=m["eager"], speedup=m["eager"] / m["fused"], reps=reps))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=31)
@@ -133,6 +161,11 @@ def main(argv=None):
             rows.append(r)
             print(f"P={P} {name}: fused {m['fused'] * 1e3:.3f} ms, eager {m['eager'] * 1e3:.3f} ms"
                   f" (x{r['speedup']:.2f})", flush=True)
+    ctx = [] if a.smoke else in_context(max(3, a.reps // 8))
+    for r in ctx:
+        print(f"trajectory_step {r['mode']}: fused {r['fused_s'] * 1e3:.1f} ms, eager "
+              f"{r['eager_s'] * 1e3:.1f} ms (x{r['speedup']:.3f})", flush=True)
+    rows += ctx
     table = _table(rows, a)
     print(table)
     if not a.smoke:
@@ -150,11 +183,25 @@ def _table(rows, a):
            f"{' '.join(sys.argv[1:])}`.", "",
            "The eager forms allocate their temporaries per call (P floats each); at 3M those are "
            "12 MB blocks that glibc maps and unmaps per call, so page faults are part of the "
-           "eager time there (and of the fused backward's outputs).", "",
+           "eager time there (and of the fused backward's outputs). Two runs minutes apart on this "
+           "loaded machine differed by up to ~3x on single 3M rows (e.g. sgd fwd (sweep) fused "
+           "1.5 vs 4.9 ms, param_distance fwd+bwd eager 46 vs 66 ms); the 317,706 rows agreed "
+           "within ~25%. Read ratios under ~1.5x at 3M as noise.", "",
            "| P | op | fused ms | eager ms | eager / fused |", "|---|---|---|---|---|"]
     for r in rows:
+        if r["op"] == "trajectory_step":
+            continue
         out.append(f"| {r['P']:,} | {r['op']} | {r['fused_s'] * 1e3:.3f} | "
                    f"{r['eager_s'] * 1e3:.3f} | {r['speedup']:.2f}× |")
+    ctx = [r for r in rows if r["op"] == "trajectory_step"]
+    if ctx:
+        out += ["", f"In context: one trajectory_step (ConvNet, MNIST shapes, P = {ctx[0]['P']:,}, "
+                f"10 images, syn_steps {ctx[0]['steps']}, batch_syn 10, DSA), fused ops vs the "
+                f"eager path of the same code, median of {ctx[0]['reps']} interleaved reps:", "",
+                "| mode | fused ms | eager ms | eager / fused |", "|---|---|---|---|"]
+        for r in ctx:
+            out.append(f"| {r['mode']} | {r['fused_s'] * 1e3:.1f} | {r['eager_s'] * 1e3:.1f} | "
+                       f"{r['speedup']:.3f}× |")
     return "\n".join(out) + "\n"
 
 
