@@ -328,3 +328,34 @@ def test_torch_compile_fullgraph():
     cb = torch.compile(lambda a, b, c: pde.param_distance(a, b, c), fullgraph=True)
     x = _triple((3, 64), torch.float32, seed=43)
     torch.testing.assert_close(cb(*x), pde.param_distance(*x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ in trajectory_step
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_trajectory_step_fused_equals_eager_path(dtype, tol, monkeypatch):
+    """trajectory_step with the fused ops against the same code on its eager path, all modes
+    (and a checkpointed exact sweep, which recomputes θ_i with the op)."""
+    from pydistill_ext.methods.trajectory import unroll
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(3 * 6 * 6, 4)).to(dtype)
+    fm = unroll.FlatModel(net)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(9, 1, 8, 8, generator=g, dtype=dtype)
+    y = torch.arange(9) % 4
+    th0 = fm.flatten()
+    tgt = th0 + 0.05 * torch.randn(fm.num_params, generator=g, dtype=dtype)
+    lr = torch.tensor(0.1, dtype=dtype)
+    runs = [("exact", None), ("tesla", None), ("unroll", None), ("exact", 2)]
+    fused = [unroll.trajectory_step(X, y, th0, tgt, lr, 5, 4, 3, m, model=fm, checkpoint_every=k)
+             for m, k in runs]
+    monkeypatch.setattr(unroll, "_fused", lambda *ts: False)
+    eager = [unroll.trajectory_step(X, y, th0, tgt, lr, 5, 4, 3, m, model=fm, checkpoint_every=k)
+             for m, k in runs]
+    for a, b in zip(fused, eager):
+        assert abs(float(a.loss) - float(b.loss)) <= tol * abs(float(b.loss))
+        assert float((a.grad_images - b.grad_images).norm() / b.grad_images.norm()) <= tol
+        assert abs(float(a.grad_lr - b.grad_lr)) <= tol * abs(float(b.grad_lr))
+        assert float((a.theta_n - b.theta_n).norm() / b.theta_n.norm()) <= tol
+    assert not torch.equal(fused[0].grad_images, fused[1].grad_images)  # modes differ
