@@ -65,6 +65,18 @@ Memory", ICML 2023, Eq. (5)–(6) (REFERENCE.md 5.4)
 
 The student is functional over ONE flat parameter vector (:class:`FlatModel`; MTT's
 ``ReparamModule``): parameters are views of the vector, buffers are not reparametrised.
+
+Fused ops (``pydistill_ext/ops/trajectory_ops.py``; float32 / float64 parameters, eager torch
+otherwise): the loss L, its denominator D and λ_N = 2(θ_N − θ*)/D come from
+``pde.param_distance`` (one read of θ_N, θ*, θ_0; λ_N from its native backward), in every mode.
+The detached forward sweep of ``exact`` / ``tesla`` takes its steps with
+``pde.sgd_step_accumulate``, which returns θ_{i+1} = θ_i − α g_i (one rounding, fma) and the
+running sum G = Σ_i g_i in the same pass; ``tesla`` takes ∂L/∂α = −λ_N · G from it (TESLA's
+Eq. 6 form) instead of summing −λ_N · g_i in the reverse sweep. The reverse sweep recomputes
+θ_i with the same op, so checkpointed segments stay bitwise equal to the stored θ_i. ``unroll``
+takes its differentiable steps with the same op too (its autograd backward is one addcmul and
+one dot product instead of the eager mul / sub nodes; the G output is discarded there). Timings
+of both ops against the eager forms: benchmarks/results/bench_trajectory_ops.md.
 """
 from __future__ import annotations
 
@@ -77,6 +89,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from pydistill_ext.ops.trajectory_ops import param_distance as _param_distance
+from pydistill_ext._lib import ops as _ops
 from pydistill_ext.augment.dsa import DSAParams, dsa_apply, dsa_params
 
 __all__ = ["FlatModel", "TrajectoryResult", "trajectory_step", "derive_seed", "step_batch",
@@ -162,10 +176,32 @@ def inner_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def _fused(*ts) -> bool:
+    return all(t.dtype in (torch.float32, torch.float64) for t in ts)
+
+
 def param_distance_loss(theta_n: torch.Tensor, target: torch.Tensor,
                         start: torch.Tensor) -> torch.Tensor:
-    """MTT Eq. (2): ‖θ_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² (MTT divides both by P; it cancels)."""
+    """MTT Eq. (2): ‖θ_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖² (MTT divides both by P; it cancels).
+    ``pde.param_distance`` (fused, closed-form backward) for float32 / float64 vectors of one
+    dtype; the eager formula otherwise."""
+    if _fused(theta_n, target, start) and theta_n.dtype == target.dtype == start.dtype:
+        return _param_distance(theta_n, target, start)
     return (theta_n - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+def _loss_and_adjoint(theta_n, target, start):
+    """L = ‖θ_N − θ*‖² / D and λ_N = ∂L/∂θ_N = 2(θ_N − θ*)/D, detached: one fused forward pass
+    and one elementwise pass (the native backward with coefficient a = 2/D, b = 0, only the
+    θ gradient)."""
+    if _fused(theta_n):
+        loss, den = _ops.param_distance_forward(theta_n, target, start)
+        a = 2.0 / den
+        lam = _ops.param_distance_backward(a, torch.zeros_like(a), theta_n, target, start,
+                                           True, False, False)[0]
+        return loss, lam
+    D = (start - target).pow(2).sum()
+    return (theta_n - target).pow(2).sum() / D, 2.0 * (theta_n - target) / D
 
 
 @dataclass
@@ -277,11 +313,14 @@ def _unroll(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augm
     Yv = Y.clone().requires_grad_(True) if want_y else Y
     step = _Step(model, X, Yv, seed, batch_syn, augment)
     theta = theta0.clone().requires_grad_(True)
+    fused = _fused(theta0)
+    zero = torch.zeros_like(theta0) if fused else None       # G input, output unused
+    a_t = a.to(theta0.dtype)
     for i in range(N):
         idx, t = step.batch(i)
         ell = step.loss(theta, X[idx], Yv[idx], t)
         g, = torch.autograd.grad(ell, theta, create_graph=True)
-        theta = theta - a * g
+        theta = _ops.sgd_step_accumulate(theta, g, a_t, zero)[0] if fused else theta - a * g
     loss = param_distance_loss(theta, target, theta0)
     inputs = [X, a] + ([Yv] if want_y else [])
     grads = torch.autograd.grad(loss, inputs)
@@ -301,29 +340,33 @@ def _segment_length(checkpoint_every, N: int) -> int:
     return min(checkpoint_every, N)
 
 
-def _sgd_step(step: "_Step", theta, alpha, i):
-    """θ_{i+1} = θ_i − α g_i without a graph (the forward pass of exact / tesla)."""
+def _sgd_step(step: "_Step", theta, alpha, i, grad_sum):
+    """θ_{i+1} = θ_i − α g_i and G + g_i without a graph (the forward pass of exact / tesla),
+    fused (``pde.sgd_step_accumulate``) for float32 / float64."""
     idx, t = step.batch(i)
     th = theta.detach().requires_grad_(True)
     with torch.enable_grad():
         g, = torch.autograd.grad(step.loss(th, step.images[idx], step.labels[idx], t), th)
-    return (theta - alpha * g).detach()
+    if _fused(theta):
+        return _ops.sgd_step_accumulate(theta, g, alpha.to(theta.dtype), grad_sum)
+    return (theta - alpha * g).detach(), grad_sum + g
 
 
 def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, augment, exact,
              k=1):
     step = _Step(model, X, Y, seed, batch_syn, augment)
     # forward: detached steps, keeping θ_i at i = 0, k, 2k, ... (k = 1: every θ_i)
+    # and the running gradient sum G = Σ g_i (TESLA's ∂L/∂α = −λ_N · G)
     checkpoints: List[torch.Tensor] = []
     theta = theta0
+    G = torch.zeros_like(theta0)
     for i in range(N):
         if i % k == 0:
             checkpoints.append(theta)
-        theta = _sgd_step(step, theta, alpha, i)
+        theta, G = _sgd_step(step, theta, alpha, i, G)
     theta_n = theta
-    D = (theta0 - target).pow(2).sum()
-    loss = (theta_n - target).pow(2).sum() / D
-    lam = 2.0 * (theta_n - target) / D                       # λ_N = ∂L/∂θ_N
+    loss, lam = _loss_and_adjoint(theta_n, target, theta0)  # λ_N = ∂L/∂θ_N
+    scratch = torch.zeros_like(theta0) if k > 1 else None    # G of the recomputed segments
     gX = torch.zeros_like(X)
     gY = torch.zeros_like(Y) if want_y else None
     g_alpha = torch.zeros((), dtype=X.dtype, device=X.device)
@@ -334,7 +377,7 @@ def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, aug
         i0, i1 = s * k, min(s * k + k, N)
         thetas = [checkpoints[s]]
         for i in range(i0, i1 - 1):
-            thetas.append(_sgd_step(step, thetas[-1], alpha, i))
+            thetas.append(_sgd_step(step, thetas[-1], alpha, i, scratch)[0])
         for i in range(i1 - 1, i0 - 1, -1):
             idx, t = step.batch(i)
             th = thetas[i - i0].detach().requires_grad_(True)
@@ -346,7 +389,8 @@ def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, aug
                 v = torch.dot(lam, g)                        # λ_{i+1} · g_i
                 inputs = [xb] + ([yb] if want_y else []) + ([th] if exact else [])
                 grads = torch.autograd.grad(v, inputs)
-            g_alpha -= v.detach()                            # ∂L/∂α += −λ·g_i
+            if exact:
+                g_alpha -= v.detach()                        # ∂L/∂α += −λ_{i+1}·g_i
             gX.index_add_(0, idx, -alpha * grads[0])         # ∂L/∂X += −α ∇_X(λ·g_i)
             if want_y:
                 gY.index_add_(0, idx, -alpha * grads[1])
@@ -354,4 +398,6 @@ def _adjoint(model, X, Y, want_y, theta0, target, alpha, N, batch_syn, seed, aug
                 lam = lam - alpha * grads[-1]                # λ_i = λ_{i+1} − α H_i λ_{i+1}
             del ell, g, v, grads, th, xb, yb
         del thetas
+    if not exact:                                            # TESLA: ∂L/∂α = −λ_N · G
+        g_alpha = -torch.dot(lam, G)
     return TrajectoryResult(loss, gX, g_alpha, gY, theta_n)
