@@ -15,7 +15,17 @@ OPS = {
     "kd_loss": ("kd_loss_forward", "kd_loss_backward"),
     "kd_loss_topk": ("kd_loss_topk_forward", "kd_loss_topk_backward"),
     "fused_linear_kd_loss": ("kd_loss_forward", None),
+    "class_mean": ("class_mean_forward", None),
+    "attention_map": ("attention_map_forward", "attention_map_backward"),
+    "gradient_match_distance": ("gradient_match_forward", "gradient_match_backward"),
+    "dsa_augment": ("dsa_apply_forward", "dsa_apply_backward"),
+    "bn_moments": ("bn_moments_forward", "bn_moments_backward"),
+    "frozen_bn_moments": ("frozen_bn_moments_forward", "frozen_bn_moments_backward"),
+    "param_distance": ("param_distance_forward", "param_distance_backward"),
+    "sgd_step_accumulate": ("sgd_step_accumulate", None),
 }
+# ops with a Triton kernel
+TRITON_OPS = ("kd_loss", "kd_loss_topk")
 
 
 def triton_status() -> str:
@@ -36,7 +46,7 @@ def backends(op: str) -> list:
         out.append(f"cpu ({ops.cpu_capability()})")
     if has_kernel(fwd, "CUDA"):
         out.append("cuda" + ("" if torch.cuda.is_available() else " (built, no GPU visible)"))
-    if importlib.util.find_spec("triton") is not None and op != "fused_linear_kd_loss":
+    if importlib.util.find_spec("triton") is not None and op in TRITON_OPS:
         out.append("triton")
     elif op == "fused_linear_kd_loss":
         out.append("(chunks over kd_loss: same backends)")
