@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from pydistill_ext.artifacts import DistilledSet
+from pydistill_ext.augment.dsa import default_strategy
 from pydistill_ext.losses.bn_matching import BNStatMatcher
 from pydistill_ext.methods.base import DistillMethod, register_method
 from pydistill_ext.methods.dm import _as_bool
@@ -94,7 +95,7 @@ class BNSynthesis(DistillMethod):
         if hp["jitter"] is None:  # scaled from the anchors' 30 (DI) / 32 (SRe2L) at 224 px
             hp["jitter"] = self.default_jitter(h)
         if hp["flip"] is None:
-            hp["flip"] = dataset.name not in ("digits", "mnist")
+            hp["flip"] = "flip" in default_strategy(dataset.name)  # no flip for digits
         hp["flip"], hp["clip"] = _as_bool(hp["flip"]), _as_bool(hp["clip"])
         for k in ("r_bn", "lr", "first_bn_multiplier", "var_weight", "tv_l2", "tv_l1", "l2",
                   "adi_scale"):

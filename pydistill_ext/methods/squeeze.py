@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pydistill_ext import artifacts as art
-from pydistill_ext.augment.dsa import dsa_augment
+from pydistill_ext.augment.dsa import default_strategy, dsa_augment
 from pydistill_ext.evaluation.protocol import test_accuracy
 from pydistill_ext.models import get_model
 
@@ -36,8 +36,8 @@ _CKPT = "teacher.ckpt"
 
 
 def _strategy(dataset_name: str) -> str:
-    digits = dataset_name in ("digits", "mnist")
-    return "crop" if digits else "crop_flip"
+    """DSA's crop, plus flip unless the dataset's default DSA strategy drops it (digits)."""
+    return "crop_flip" if "flip" in default_strategy(dataset_name) else "crop"
 
 
 def train_teacher(dataset, *, model: str = "convnet-bn", epochs: int = 10, lr: float = 0.05,
