@@ -14,19 +14,6 @@ from pydistill_ext.methods.bn_synthesis import BNSynthesis, image_prior_losses
 from pydistill_ext.methods.squeeze import load_teacher, train_teacher
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    r = train_teacher(digits, epochs=3, out_dir=out)
-    assert r["test_accuracy"] > 0.8  # 3 epochs on 1,497 digits: 93 % (chance 10 %)
-    return out
-
-
 def test_squeeze_resume_refuses_other_config(digits, tmp_path):
     train_teacher(digits, epochs=1, train_subset=100, out_dir=tmp_path)
     with pytest.raises(ValueError, match="resume"):

@@ -11,21 +11,7 @@ from pydistill_ext.artifacts import load_distilled
 from pydistill_ext.cli import main as cli_main
 from pydistill_ext.data import load_dataset
 from pydistill_ext.methods import get_method, list_methods, run_distill
-from pydistill_ext.methods.squeeze import train_teacher
 from pydistill_ext.methods.zeroq import zeroq_input_loss
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    r = train_teacher(digits, epochs=3, out_dir=out)
-    assert r["test_accuracy"] > 0.8
-    return out
 
 
 def _anchor_loss(teacher, x):
