@@ -31,17 +31,10 @@ from benchmarks import harness
 
 import pydistill_ext as pde  # noqa: E402
 from pydistill_ext.models import get_model  # noqa: E402
+# DeepInversion / SRe2L BNFeatureHook statistics (mean; biased var of the permuted copy)
+from reference.bn_moments import hook_moments as anchor_stats  # noqa: E402
 
 VARIANTS = ("pydistill", "eager", "var_mean", "compile")
-
-
-def anchor_stats(x):
-    """DeepInversion / SRe2L BNFeatureHook: mean over (N, H, W); biased var of the permuted
-    contiguous copy."""
-    c = x.shape[1]
-    mean = x.mean([0, 2, 3])
-    var = x.permute(1, 0, 2, 3).contiguous().view(c, -1).var(1, unbiased=False)
-    return mean, var
 
 
 def var_mean_stats(x):
