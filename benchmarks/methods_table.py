@@ -7,7 +7,9 @@ Each cell is METHOD:DATASET:IPC:ITERATIONS and runs
     pydistill eval RUNS/.../distilled.safetensors --dataset DATASET --model convnet \
         --epochs EPOCHS --repeats REPEATS
 
-(ITERATIONS 0 with METHOD random runs `pydistill baseline --kind random` instead). The eval
+(ITERATIONS 0 with METHOD random runs `pydistill baseline --kind random` instead). A cell may
+carry method options after an ``@``: ``mtt:mnist:10:200@experts=DIR,syn_steps=10`` passes each
+``key=value`` as ``--option`` and names the run folder with a short hash of them. The eval
 records are collected into benchmarks/results/methods_table.{json,md} beside the papers'
 numbers (REFERENCE.md 6.1). A cell whose record exists is skipped, so an interrupted queue
 continues where it stopped; a distillation interrupted mid-run resumes from its checkpoint.
@@ -17,6 +19,7 @@ continues where it stopped; a distillation interrupted mid-run resumes from its 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -39,9 +42,12 @@ PAPER = {
     ("cifar10", "dsa"): {1: 28.8, 10: 52.1, 50: 60.6},
     ("cifar10", "dm"): {1: 26.0, 10: 48.9, 50: 63.0},
     ("cifar10", "datadam"): {1: 32.0, 10: 54.2, 50: 67.0},
+    ("cifar10", "mtt"): {1: 46.3, 10: 65.3, 50: 71.6},
+    ("cifar10", "datm"): {1: 46.9, 10: 66.8, 50: 76.1},
 }
 # the papers' iteration counts (DC/DSA: outer iterations; DM 20k; DataDAM 8k)
-PAPER_ITERATIONS = {"dc": 1000, "dsa": 1000, "dm": 20000, "datadam": 8000, "random": 0}
+PAPER_ITERATIONS = {"dc": 1000, "dsa": 1000, "dm": 20000, "datadam": 8000, "random": 0,
+                    "mtt": 5000, "datm": 10000}
 
 
 def sh(cmd):
@@ -50,11 +56,21 @@ def sh(cmd):
 
 
 def parse_cell(text):
+    head, _, tail = text.partition("@")
     try:
-        method, ds, ipc, its = text.split(":")
-        return method, ds, int(ipc), int(its)
+        method, ds, ipc, its = head.split(":")
+        opts = dict(kv.split("=", 1) for kv in tail.split(",")) if tail else {}
+        return method, ds, int(ipc), int(its), opts
     except ValueError:
-        raise SystemExit(f"cell {text!r}: expected METHOD:DATASET:IPC:ITERATIONS") from None
+        raise SystemExit(f"cell {text!r}: expected METHOD:DATASET:IPC:ITERATIONS"
+                         "[@key=value,...]") from None
+
+
+def options_tag(opts):
+    if not opts:
+        return ""
+    text = ",".join(f"{k}={opts[k]}" for k in sorted(opts))
+    return "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def main(argv=None):
@@ -69,11 +85,14 @@ def main(argv=None):
 
     exe = [sys.executable, "-m", "pydistill_ext.cli"]
     results_path = HERE / "results" / f"{args.name}.json"
-    for method, ds, ipc, its in map(parse_cell, args.cells):
+    for method, ds, ipc, its, opts in map(parse_cell, args.cells):
         rows = json.loads(results_path.read_text()) if results_path.exists() else []
         key = dict(dataset=ds, ipc=ipc, method=method, iterations=its, model=args.model,
                    epochs=args.epochs)
-        if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+        if opts:
+            key["options"] = opts
+        if any(all(r.get(k) == v for k, v in key.items()) and (opts or not r.get("options"))
+               for r in rows):
             continue
         if method == "random":
             out = Path(args.runs) / ds / f"random_ipc{ipc}"
@@ -81,12 +100,13 @@ def main(argv=None):
                 sh(exe + ["baseline", "--kind", "random", "--dataset", ds, "--ipc", str(ipc),
                           "--seed", "0", "--out", str(out), "--quiet"])
         else:
-            out = Path(args.runs) / ds / f"{method}_ipc{ipc}_it{its}"
+            out = Path(args.runs) / ds / f"{method}_ipc{ipc}_it{its}{options_tag(opts)}"
             if not (out / "distilled.safetensors").exists():
                 resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+                extra = [a for k in sorted(opts) for a in ("--option", f"{k}={opts[k]}")]
                 sh(exe + ["distill", "--method", method, "--dataset", ds, "--ipc", str(ipc),
                           "--iterations", str(its), "--seed", "0", "--out", str(out),
-                          "--checkpoint-seconds", "120", "--quiet"] + resume)
+                          "--checkpoint-seconds", "120", "--quiet"] + resume + extra)
         rec_path = out / f"eval_{args.model}.json"
         rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
         if rec is None or not (rec["config"]["epochs"] == args.epochs and len(rec["seeds"]) == args.repeats):
@@ -117,7 +137,10 @@ def write_md(rows, path):
     for r in rows:
         paper = "" if r.get("paper") is None else f"{r['paper']}"
         spi = r.get("seconds_per_iteration")
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['iterations']} "
+        shown = {k: v for k, v in (r.get("options") or {}).items() if k != "experts"}
+        name = r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+                              + ")" if shown else "")
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {name} | {r['iterations']} "
                      f"({r.get('paper_iterations')}) | {r['mean']:.2f} ± {r['std']:.2f} | "
                      f"{len(r['seeds'])} | {paper} | {'' if not spi else f'{spi:.1f}'} | "
                      f"{r['seconds_per_net']:.0f} |")

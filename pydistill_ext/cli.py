@@ -3,6 +3,7 @@
     pydistill distill  --method NAME --dataset NAME --ipc N [--seed S] [--iterations K] --out DIR [--resume]
     pydistill baseline --kind random|herding|full --dataset NAME --ipc N [--seed S] --out DIR
     pydistill eval     DIR/distilled.safetensors --dataset NAME [--model convnet] [--epochs E] [--repeats R]
+    pydistill experts  --dataset NAME --num-experts K --epochs E --out DIR [--train-subset N] [--sam gsam]
     pydistill squeeze  --dataset NAME [--model convnet-bn] [--epochs E] --out DIR [--resume]
     pydistill relabel  DIR/distilled.safetensors --teacher DIR --dataset NAME --epochs E --batch-size B --k K --out DIR [--repeats R]
     pydistill quantize --teacher DIR --dataset NAME --calibration DIR/distilled.safetensors|real|noise [--weight-bits 8] [--act-bits 8]
@@ -13,6 +14,9 @@
 ``torchrun --nproc_per_node=K -m pydistill_ext.cli eval ...`` spreads the evaluation repeats over
 K processes (gloo on CPU, NCCL on GPUs) and gathers them on rank 0. Repeat r always uses seed
 ``--seed + r``, so the numbers do not depend on the number of processes.
+``torchrun --nproc_per_node=K -m pydistill_ext.cli experts ...`` gives each rank a contiguous
+slice of the experts (one GPU each); an expert depends only on the buffer seed and its index,
+so the buffer is the same for any number of ranks.
 """
 from __future__ import annotations
 
@@ -102,6 +106,37 @@ def cmd_squeeze(args) -> int:
                       train_subset=args.train_subset)
     print(f"wrote {r['path']}: {args.model} on {ds.name}, test accuracy "
           f"{100 * r['test_accuracy']:.2f} % ({r['seconds']:.0f} s)")
+    return 0
+
+
+def expert_slice(num_experts: int, rank: int, world: int):
+    """(first, count) of the experts rank ``rank`` of ``world`` trains: contiguous blocks,
+    the first ``num_experts % world`` ranks one larger."""
+    base, extra = divmod(num_experts, world)
+    count = base + (rank < extra)
+    return rank * base + min(rank, extra), count
+
+
+def cmd_experts(args) -> int:
+    from pydistill_ext.methods.trajectory.experts import train_experts
+    ds = _load_dataset(args, zca=args.zca)
+    rank, world, device = _dist_setup(args.device)
+    first, count = expert_slice(args.num_experts, rank, world)
+    if count:
+        batched = args.batched if args.batched is not None else device.startswith("cuda")
+        buf = train_experts(ds, args.model, num_experts=count, epochs=args.epochs, lr=args.lr,
+                            batch=args.batch_size, dsa=not args.no_dsa, seed=args.seed,
+                            out_dir=args.out, batched=batched, momentum=args.momentum,
+                            weight_decay=args.weight_decay, sam=args.sam, rho=args.rho,
+                            first_expert=first, group=args.group, device=device,
+                            progress=not args.quiet, train_subset=args.train_subset,
+                            stop_after_epochs=args.stop_after_epochs)
+        print(f"rank {rank}/{world}: experts {first}..{first + count - 1} of {args.out} "
+              f"({buf.stats['seconds']:.0f} s of training in this call)")
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
@@ -344,6 +379,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="skip repeats an interrupted eval finished")
     _common(e)
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("experts", help="train (or continue) an expert-trajectory buffer for "
+                                        "mtt / tesla / ftd / datm (torchrun: one slice per rank)")
+    x.add_argument("--dataset", required=True)
+    x.add_argument("--model", default="convnet")
+    x.add_argument("--num-experts", type=int, required=True)
+    x.add_argument("--epochs", type=int, required=True)
+    x.add_argument("--lr", type=float, default=0.01, help="SGD lr (MTT's buffer: 0.01)")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--momentum", type=float, default=0.0)
+    x.add_argument("--weight-decay", type=float, default=0.0)
+    x.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    x.add_argument("--sam", choices=["sam", "gsam"], default=None,
+                   help="flat experts (FTD uses gsam)")
+    x.add_argument("--rho", type=float, default=0.01)
+    x.add_argument("--train-subset", type=int, default=None,
+                   help="every expert trains on the same seeded subset of N training images "
+                        "(reduced buffers for CPU runs)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--zca", action="store_true")
+    x.add_argument("--group", type=int, default=None, help="experts per vmapped group")
+    x.add_argument("--batched", dest="batched", action="store_true", default=None,
+                   help="vmapped ensemble (default on CUDA)")
+    x.add_argument("--sequential", dest="batched", action="store_false",
+                   help="one expert after another (default on CPU, measured faster there)")
+    x.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="train at most this many epochs now (time slices); rerun to continue")
+    x.add_argument("--out", required=True)
+    _common(x)
+    x.set_defaults(fn=cmd_experts)
 
     q = sub.add_parser("squeeze", help="train a BatchNorm teacher for data-free synthesis")
     q.add_argument("--dataset", required=True)

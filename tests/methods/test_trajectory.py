@@ -333,3 +333,72 @@ def test_cli_end_to_end_with_expert_dir(tmp_path):
     # evaluation trains with the learned step size unless --lr is given
     assert cli.eval_lr(None, syn) == pytest.approx(float(syn.extras["syn_lr"]))
     assert cli.eval_lr(0.02, syn) == 0.02
+
+
+# ------------------------------------------------------------------------------ buffer CLI
+def test_subset_buffer_trains_on_its_recorded_subset(small_digits, tmp_path):
+    kw = dict(model_name="convnet-small", num_experts=1, epochs=1, batch=64, seed=5)
+    sub = train_experts(small_digits, train_subset=80, out_dir=tmp_path / "s", **kw)
+    cfg = ExpertBuffer.load(tmp_path / "s").config
+    assert cfg.train_subset == 80
+    keep = cfg.subset_indices(small_digits.train_labels.numel())
+    assert keep.shape == (80,) and keep.unique().numel() == 80
+    # the same expert trained on the explicitly extracted subset: bitwise the same
+    explicit = train_experts(small_digits.subset_train(keep), **kw)
+    assert torch.equal(sub.trajectory(0), explicit.trajectory(0))
+    assert not torch.equal(sub.trajectory(0), train_experts(small_digits, **kw).trajectory(0))
+    # a subset as large as the data is no subset (same config as a plain buffer)
+    assert train_experts(small_digits, train_subset=10**6, **kw).config.train_subset is None
+    with pytest.raises(ValueError, match="train_subset"):
+        train_experts(small_digits, train_subset=0, **kw)
+    with pytest.raises(ValueError, match="another configuration"):
+        train_experts(small_digits, train_subset=81, out_dir=tmp_path / "s", **kw)
+
+
+@pytest.mark.parametrize("k,world", [(5, 1), (5, 2), (5, 3), (2, 4), (8, 8)])
+def test_expert_slices_cover_the_buffer_once(k, world):
+    got = []
+    for r in range(world):
+        first, count = cli.expert_slice(k, r, world)
+        got += list(range(first, first + count))
+    assert got == list(range(k))
+
+
+def _experts_cli(out, extra=()):
+    return ["experts", "--dataset", "digits", "--model", "convnet-small", "--num-experts", "3",
+            "--epochs", "2", "--batch-size", "64", "--train-subset", "150", "--seed", "2",
+            "--out", str(out), "--quiet", *extra]
+
+
+def _run_rank(rank, world, port, argv):
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert cli.main(argv) == 0
+
+
+def test_experts_cli_and_two_ranks_give_the_same_buffer(digits, tmp_path):
+    assert cli.main(_experts_cli(tmp_path / "one", ["--stop-after-epochs", "1"])) == 0
+    assert [ExpertBuffer.load(tmp_path / "one").epochs(k) for k in range(3)] == [1, 1, 1]
+    assert cli.main(_experts_cli(tmp_path / "one")) == 0          # continues to epoch 2
+    one = ExpertBuffer.load(tmp_path / "one")
+    assert one.experts == [0, 1, 2] and one.config.train_subset == 150
+    # two gloo ranks (what torchrun --nproc_per_node=2 starts) split the experts 2 + 1
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_run_rank, args=(r, 2, port, _experts_cli(tmp_path / "two")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    two = ExpertBuffer.load(tmp_path / "two")
+    assert two.experts == [0, 1, 2]
+    for k in range(3):
+        assert torch.equal(one.trajectory(k), two.trajectory(k))

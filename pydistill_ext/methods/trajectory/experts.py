@@ -51,6 +51,7 @@ __all__ = ["ExpertConfig", "ExpertBuffer", "train_experts", "expert_seed"]
 
 BUFFER_FILE = "buffer.json"
 _TAG_EXPERT = 3
+_TAG_SUBSET = 4
 
 
 def expert_seed(seed: int, index: int) -> int:
@@ -79,6 +80,14 @@ class ExpertConfig:
     dtype: str = "float32"
     model_kwargs: Dict = field(default_factory=dict)
     num_params: int = 0
+    train_subset: Optional[int] = None  # experts see a seeded subset of this many images
+
+    def subset_indices(self, n: int) -> Optional[torch.Tensor]:
+        """The training-image indices of a ``train_subset`` buffer (None: all ``n``)."""
+        if self.train_subset is None or self.train_subset >= n:
+            return None
+        g = torch.Generator().manual_seed(derive_seed(self.seed, _TAG_SUBSET))
+        return torch.randperm(n, generator=g)[:self.train_subset].sort().values
 
     def build(self) -> torch.nn.Module:
         return get_model(self.model, self.channels, self.num_classes, tuple(self.im_size),
@@ -186,8 +195,8 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
                   weight_decay: float = 0.0, sam: Optional[str] = None, rho: float = 0.01,
                   gsam_alpha: float = 0.3, first_expert: int = 0, group: Optional[int] = None,
                   dtype: torch.dtype = torch.float32, device="cpu", progress: bool = False,
-                  model_kwargs: Optional[Dict] = None, stop_after_epochs: Optional[int] = None
-                  ) -> ExpertBuffer:
+                  model_kwargs: Optional[Dict] = None, stop_after_epochs: Optional[int] = None,
+                  train_subset: Optional[int] = None) -> ExpertBuffer:
     """Train experts ``first_expert .. first_expert + num_experts − 1`` for ``epochs`` epochs.
 
     Defaults are MTT's buffer (lr 0.01, momentum 0, batch 256, DSA). ``batched=True`` trains
@@ -195,8 +204,10 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
     after another. With ``out_dir`` the trajectories are written there (and an existing
     buffer with the same configuration is continued from its last saved epoch); without, they
     are kept in memory. ``first_expert`` lets ranks (torchrun) train disjoint slices of one
-    buffer. ``stop_after_epochs`` trains at most that many epochs in this call (time slicing;
-    tests use it to interrupt). Returns the :class:`ExpertBuffer`.
+    buffer. ``stop_after_epochs`` trains every expert at most that many epochs in this call (time
+    slicing; tests use it to interrupt). ``train_subset``: every expert trains on the same seeded
+    subset of that many training images (a reduced buffer for CPU-sized runs; recorded in
+    the configuration). Returns the :class:`ExpertBuffer`.
     """
     if sam not in (None, "sam", "gsam"):
         raise ValueError(f"sam must be None, 'sam' or 'gsam', got {sam!r}")
@@ -205,6 +216,8 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if train_subset is not None and (not isinstance(train_subset, int) or train_subset < 1):
+        raise ValueError(f"train_subset must be None or an int >= 1, got {train_subset!r}")
     device = torch.device(device)
     model_kwargs = dict(model_kwargs or {})
     net = get_model(model_name, dataset.channels, dataset.num_classes, dataset.im_size, seed=0,
@@ -217,7 +230,10 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
                        dsa_strategy=default_strategy(dataset.name) if dsa else None, sam=sam,
                        rho=float(rho), gsam_alpha=float(gsam_alpha),
                        dtype=str(dtype).replace("torch.", ""), model_kwargs=model_kwargs,
-                       num_params=fm.num_params)
+                       num_params=fm.num_params,
+                       train_subset=(None if train_subset is None
+                                     or train_subset >= dataset.train_labels.numel()
+                                     else int(train_subset)))
     root = None
     if out_dir is not None:
         root = Path(out_dir)
@@ -234,16 +250,16 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
     indices = list(range(first_expert, first_expert + num_experts))
     group = len(indices) if (group is None or not batched) else max(1, int(group))
     mem: Dict[int, torch.Tensor] = {}
-    budget = [stop_after_epochs]
     stats = {"seconds": 0.0, "images": 0}
+    # stop_after_epochs counts per expert: each group trains at most that many epochs
     if batched:
         for j in range(0, len(indices), group):
             _train_group(dataset, fm, cfg, indices[j:j + group], epochs, root, mem, True,
-                         dtype, device, progress, budget, stats)
+                         dtype, device, progress, [stop_after_epochs], stats)
     else:
         for e in indices:
             _train_group(dataset, fm, cfg, [e], epochs, root, mem, False, dtype, device,
-                         progress, budget, stats)
+                         progress, [stop_after_epochs], stats)
     buf = ExpertBuffer(cfg, root, None if root is not None else mem)
     buf.stats = stats
     return buf
@@ -280,6 +296,9 @@ def _train_group(dataset, fm: FlatModel, cfg: ExpertConfig, indices: List[int], 
     direction = _make_direction(fm, cfg)
     batched_dir = vmap(direction) if batched else None
     x_all, y_all = dataset.train_images, dataset.train_labels
+    keep = cfg.subset_indices(x_all.shape[0])
+    if keep is not None:
+        x_all, y_all = x_all[keep], y_all[keep]
     n = x_all.shape[0]
     nb = -(-n // cfg.batch)
     strategy = cfg.dsa_strategy

@@ -163,7 +163,8 @@ class MTT(DistillMethod):
                                      c.batch, c.dsa, c.seed, root, momentum=c.momentum,
                                      weight_decay=c.weight_decay, sam=c.sam, rho=c.rho,
                                      gsam_alpha=c.gsam_alpha, model_kwargs=c.model_kwargs,
-                                     device=self.device, batched=self.device.type == "cuda")
+                                     device=self.device, batched=self.device.type == "cuda",
+                                     train_subset=c.train_subset)
             return train_experts(self.dataset, out_dir=root, **kw)
         warnings.warn(f"{self.name}: no expert buffer given (option experts=DIR); training "
                       f"{hp['num_experts']} experts x {epochs} epochs in memory. Fine for "
