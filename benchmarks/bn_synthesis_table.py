@@ -19,6 +19,7 @@ Finished cells are skipped (resumable).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -48,16 +49,27 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--runs", default=str(HERE / "runs" / "bn_synthesis"))
     p.add_argument("--name", default="bn_synthesis_table")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option for every synthesised set (recorded in the row, "
+                        "hashed into the run folder's name)")
     args = p.parse_args(argv)
+    opts = dict(kv.split("=", 1) for kv in args.option)
+    tag = ("_" + hashlib.sha1(",".join(f"{k}={opts[k]}" for k in sorted(opts)).encode())
+           .hexdigest()[:8]) if opts else ""
     exe = [sys.executable, "-m", "pydistill_ext.cli"]
     results = HERE / "results" / f"{args.name}.json"
     for s in args.sets:
         rows = json.loads(results.read_text()) if results.exists() else []
+        synth = s not in ("noise", "random")
         key = dict(dataset=args.dataset, ipc=args.ipc, set=s, k=args.k, epochs=args.epochs,
-                   iterations=0 if s in ("noise", "random") else args.iterations)
-        if any(all(r.get(a) == b for a, b in key.items()) for r in rows):
+                   iterations=args.iterations if synth else 0)
+        if synth and opts:
+            key["options"] = opts
+        if any(all(r.get(a) == b for a, b in key.items()) and (key.get("options")
+               or not r.get("options")) for r in rows):
             continue
-        run = Path(args.runs) / args.dataset / f"{s}_ipc{args.ipc}_it{key['iterations']}"
+        run = (Path(args.runs) / args.dataset
+               / f"{s}_ipc{args.ipc}_it{key['iterations']}{tag if synth else ''}")
         if not (run / "distilled.safetensors").exists():
             if s == "random":
                 sh(exe + ["baseline", "--kind", "random", "--dataset", args.dataset, "--ipc",
@@ -70,7 +82,8 @@ def main(argv=None):
                 sh(exe + ["distill", "--method", method, "--dataset", args.dataset, "--ipc",
                           args.ipc, "--iterations", key["iterations"], "--seed", 0,
                           "--option", opt, "--out", run, "--checkpoint-seconds", 120,
-                          "--quiet"] + resume)
+                          "--quiet"] + resume
+                   + [a for k in sorted(opts) for a in ("--option", f"{k}={opts[k]}")])
         out = run / f"relabel_k{args.k}_e{args.epochs}"
         if not (out / "relabel.json").exists():
             sh(exe + ["relabel", run / "distilled.safetensors", "--teacher", args.teacher,
@@ -96,8 +109,17 @@ def _acc(rec):
             len(accs))
 
 
+NOTES = "## Notes"
+
+
 def write_md(rows, path):
+    """The table; everything from a ``## Notes`` heading on in an existing file is kept."""
     import torch
+    notes = ""
+    if path.exists():
+        old = path.read_text()
+        if NOTES in old:
+            notes = "\n" + old[old.index(NOTES):]
     lines = ["| dataset | IPC | set | recover iterations | soft labels (k, epochs) | "
              "student accuracy % (mean ± std) | label storage |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -105,13 +127,15 @@ def write_md(rows, path):
         acc = "" if m is None else f"{m:.2f} ± {s:.2f} ({n} students)"
         st = r["record"].get("storage", {})
         sb = st.get("soft_labels")
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['set']} | {r['iterations']} | "
+        shown = ", ".join(f"{k}={v}" for k, v in sorted((r.get("options") or {}).items()))
+        name = r["set"] + (f" ({shown})" if shown else "")
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {name} | {r['iterations']} | "
                      f"top-{r['k']}, {r['epochs']} | {acc} | {'' if sb is None else f'{sb / 1e3:.0f} kB'} |")
     lines.append("")
     lines.append(f"Machine: {platform.processor() or platform.machine()}, one thread per process, "
                  f"torch {torch.__version__}. Students: ConvNet-3 trained on the replayed crops "
                  "(SRe2L validate: AdamW 1e-3, cosine), evaluated on the real test set.")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + notes)
 
 
 if __name__ == "__main__":
