@@ -11,9 +11,13 @@ blocks are returned). Time: median wall time of the call.
 
 Part B — K experts × 1 epoch with ``train_experts(batched=True)`` (vmap over the stacked
 flat parameters) and ``batched=False`` (the same per-expert function in a loop); throughput
-= expert-images per second.
+= expert-images per second (CPU: per second of process CPU time; CUDA: per second of wall
+time, synchronised). ``synthetic-mnist`` / ``synthetic-cifar`` are random images of those shapes
+(for machines without the datasets, e.g. the GPU machine: throughput does not depend on the
+pixels).
 
 ``python -m benchmarks.bench_trajectory [--smoke] [--shape mnist|cifar] [--batch B]``
+``python -m benchmarks.bench_trajectory --device cuda --skip-part-a --expert-data synthetic-mnist:16384:256``
 """
 from __future__ import annotations
 
@@ -174,25 +178,52 @@ def part_a(shape, batch, steps, reps, rss=True):
     return rows
 
 
-def part_b(shape, k, epochs, n_images, batch):
-    from pydistill_ext.data import load_dataset
-    ds = load_dataset(shape)
+def _synthetic(name, n):
+    from pydistill_ext.data.dataset import RealDataset
+    c, hw = (1, 28) if name == "synthetic-mnist" else (3, 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, hw, hw, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return RealDataset(name=name, num_classes=10, class_names=[str(i) for i in range(10)],
+                       channels=c, im_size=(hw, hw), train_images=x, train_labels=y,
+                       test_images=x[:10], test_labels=y[:10], mean=(0.0,) * c, std=(1.0,) * c)
+
+
+def part_b(shape, k, epochs, n_images, batch, device="cpu"):
+    if shape.startswith("synthetic-"):
+        ds = _synthetic(shape, n_images or 4096)
+    else:
+        from pydistill_ext.data import load_dataset
+        ds = load_dataset(shape)
     if n_images and n_images < ds.train_images.shape[0]:
         ds = ds.subset_train(torch.arange(n_images))
+    cuda = str(device).startswith("cuda")
     rows = []
     out = {}
+    if cuda:       # warm-up: cuDNN autotuning and lazy init stay out of the timing
+        train_experts(ds.subset_train(torch.arange(batch)), "convnet", num_experts=k,
+                      epochs=1, batch=batch, seed=0, batched=True, device=device)
+        torch.cuda.synchronize()
     for batched in (True, False):
         gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0, c0 = time.perf_counter(), time.process_time()
         buf = train_experts(ds, "convnet", num_experts=k, epochs=epochs, batch=batch, seed=0,
-                            batched=batched)
+                            batched=batched, device=device)
+        if cuda:
+            torch.cuda.synchronize()
         wall, dt = time.perf_counter() - t0, time.process_time() - c0
+        if cuda:
+            dt = wall
         out[batched] = buf
         imgs = k * epochs * ds.train_images.shape[0]
         rows.append({"part": "experts", "dataset": ds.name, "train_images":
                      int(ds.train_images.shape[0]), "experts": k, "epochs": epochs,
                      "batch": batch, "batched": batched, "seconds": dt, "wall_seconds": wall,
-                     "images_per_s": imgs / dt})
+                     "images_per_s": imgs / dt, "device": str(device),
+                     "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None})
     diff = max(float((out[True].trajectory(i) - out[False].trajectory(i)).abs().max())
                for i in range(k))
     sp = rows[0]["images_per_s"] / rows[1]["images_per_s"]
@@ -270,11 +301,13 @@ def _table(rows, argv):
     b = [r for r in rows if r["part"] == "experts"]
     if b:
         out += ["", "**Expert ensemble** (K experts × epochs, ConvNet-3, SGD lr 0.01, DSA):", "",
-                "| dataset | train images | K | epochs | batch | training | CPU s | wall s | "
-                "expert-images/s (CPU) | batched / sequential | max abs diff |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| device | dataset | train images | K | epochs | batch | training | CPU s | "
+                "wall s | expert-images/s (CPU; CUDA: wall) | batched / sequential | "
+                "max abs diff |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in b:
-            out.append(f"| {r['dataset']} | {r['train_images']} | {r['experts']} | "
+            out.append(f"| {r.get('device', 'cpu')} | {r['dataset']} | {r['train_images']} | "
+                       f"{r['experts']} | "
                        f"{r['epochs']} | {r['batch']} | "
                        f"{'vmap (batched)' if r['batched'] else 'sequential'} | "
                        f"{r['seconds']:.1f} | {r['wall_seconds']:.1f} | {r['images_per_s']:.0f} | "
@@ -295,6 +328,8 @@ def main(argv=None):
     p.add_argument("--expert-data", nargs="+", default=["digits:0:256", "mnist:2048:256"],
                    help="DATASET:N_IMAGES:BATCH for part B (0 = all)")
     p.add_argument("--skip-experts", action="store_true")
+    p.add_argument("--skip-part-a", action="store_true")
+    p.add_argument("--device", default="cpu", help="part B's device (part A runs on the CPU)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-call RSS subprocesses")
     p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="bench_trajectory")
@@ -308,13 +343,14 @@ def main(argv=None):
         rows += part_b("digits", 2, 1, 64, 32)
         print(_table(rows, argv))
         return
-    rows += part_a(a.shape, a.batch, a.steps, a.reps, rss=not a.no_rss)
-    rows.append({"part": "float64", **_float64_check(a.shape, a.batch, min(a.steps))})
-    print(rows[-1], flush=True)
+    if not a.skip_part_a:
+        rows += part_a(a.shape, a.batch, a.steps, a.reps, rss=not a.no_rss)
+        rows.append({"part": "float64", **_float64_check(a.shape, a.batch, min(a.steps))})
+        print(rows[-1], flush=True)
     if not a.skip_experts:
         for spec in a.expert_data:
             name, n, b = spec.split(":")
-            rows += part_b(name, a.experts, 1, int(n), int(b))
+            rows += part_b(name, a.experts, 1, int(n), int(b), device=a.device)
     table = _table(rows, argv)
     print(table)
     harness.write_results(a.name, rows, table, a.out)

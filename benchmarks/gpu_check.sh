@@ -11,8 +11,8 @@
 #                       build, tests/cuda, tests/triton, benchmarks (kd_loss, then dsa_augment
 #                       with what is left), tests/ops (CPU-only tests,
 #                       last: they need no GPU).
-#   STAGES              subset of "env build cuda triton bench bnbench ops" (default: all but
-#                       the opt-in bnbench), e.g. split
+#   STAGES              subset of "env build cuda triton bench bnbench trajbench ops" (default:
+#                       all but the opt-in bnbench), e.g. split
 #                       over two calls on a warm machine: STAGES="env build cuda" then
 #                       STAGES="triton bench ops" (the in-place build stays between calls).
 # Files written to $OUT (at most 8 come back): env.txt, build.log, pytest_cuda.txt,
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
-STAGES="${STAGES:-env build cuda triton bench ops}"
+STAGES="${STAGES:-env build cuda triton bench trajbench ops}"
 T0=$(date +%s)
 PY="${PYTHON:-python}"
 
@@ -170,6 +170,18 @@ if want bnbench && (( $(left) > 90 )); then
     --reps 51 --out "$OUT" --name bench_bn_moments_gpu > "$OUT/bench_bn_moments_gpu.log" 2>&1 \
     && { rm -f "$OUT/bench_bn_moments_gpu.log" "$OUT/bench_bn_moments_gpu.json"; STATUS+=("bnbench: ok"); } \
     || { tail -20 "$OUT/bench_bn_moments_gpu.log"; STATUS+=("bnbench: FAILED"); }
+fi
+
+# expert ensemble on the GPU (issue 6): K=8 ConvNet-3 experts x 1 epoch, vmapped vs one after
+# another, on random images of MNIST / CIFAR shape (no dataset on this machine); writes
+# bench_trajectory_gpu.md
+if want trajbench && (( $(left) > 90 )); then
+  log "expert-ensemble GPU benchmark (log: $OUT/bench_trajectory_gpu.log)"
+  timeout -s INT -k 15 $(( $(left) - 30 )) "$PY" -m benchmarks.bench_trajectory --device cuda \
+    --skip-part-a --experts 8 --expert-data synthetic-mnist:16384:256 synthetic-cifar:16384:256 \
+    --out "$OUT" --name bench_trajectory_gpu > "$OUT/bench_trajectory_gpu.log" 2>&1 \
+    && { rm -f "$OUT/bench_trajectory_gpu.log" "$OUT/bench_trajectory_gpu.json"; STATUS+=("trajbench: ok"); } \
+    || { tail -20 "$OUT/bench_trajectory_gpu.log"; STATUS+=("trajbench: FAILED"); }
 fi
 
 run_tests ops tests/ops 120
