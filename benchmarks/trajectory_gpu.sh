@@ -31,29 +31,22 @@ case "${1:-}" in
     "${TR[@]}" experts --dataset cifar10 --zca --num-experts 100 --epochs 100 --sam gsam \
       --batched --group 10 --device cuda --out "$GSAM_BUF" --quiet
     ;;
-  mtt)
-    ipc="${2:?ipc}"
-    case "$ipc" in
-      1)  o=(syn_steps=50 expert_epochs=2 max_start_epoch=2 lr_img=1000 lr_lr=1e-7 lr_teacher=0.01) ;;
-      10) o=(syn_steps=30 expert_epochs=2 max_start_epoch=20 lr_img=1000 lr_lr=1e-5 lr_teacher=0.01) ;;
-      50) o=(syn_steps=30 expert_epochs=2 max_start_epoch=40 lr_img=1000 lr_lr=1e-5 lr_teacher=0.01) ;;
+  mtt|datm)
+    method="$1"; ipc="${2:?ipc}"
+    case "$method:$ipc" in
+      mtt:1)   o=(syn_steps=50 expert_epochs=2 max_start_epoch=2 lr_img=1000 lr_lr=1e-7 lr_teacher=0.01) ;;
+      mtt:10)  o=(syn_steps=30 expert_epochs=2 max_start_epoch=20 lr_img=1000 lr_lr=1e-5 lr_teacher=0.01) ;;
+      mtt:50)  o=(syn_steps=30 expert_epochs=2 max_start_epoch=40 lr_img=1000 lr_lr=1e-5 lr_teacher=0.01) ;;
+      datm:1)  o=(syn_steps=80 expert_epochs=2 min_start_epoch=0 current_max_start_epoch=4 max_start_epoch=4 lr_img=100 lr_lr=1e-7 lr_y=5) ;;
+      datm:10) o=(syn_steps=80 expert_epochs=2 min_start_epoch=0 current_max_start_epoch=10 max_start_epoch=20 expansion_end_epoch=1000 lr_img=100 lr_lr=1e-5) ;;
+      datm:50) o=(syn_steps=80 expert_epochs=2 min_start_epoch=0 current_max_start_epoch=20 max_start_epoch=40 expansion_end_epoch=2000 lr_img=1000 batch_syn=500) ;;
       *) echo "ipc 1, 10 or 50" >&2; exit 2 ;;
     esac
-    args=(); for kv in "${o[@]}" "experts=$SGD_BUF"; do args+=(--option "$kv"); done
-    "${PD[@]}" distill --method mtt --dataset cifar10 --zca --ipc "$ipc" --iterations 5000 \
-      --device cuda --out "$RUNS/cifar10/mtt_ipc$ipc" --checkpoint-seconds 600 "${args[@]}"
-    ;;
-  datm)
-    ipc="${2:?ipc}"
-    case "$ipc" in
-      1)  o=(syn_steps=80 expert_epochs=2 min_start_epoch=0 current_max_start_epoch=4 max_start_epoch=4 lr_img=100 lr_lr=1e-7 lr_y=5) ;;
-      10) o=(syn_steps=80 expert_epochs=2 min_start_epoch=0 current_max_start_epoch=10 max_start_epoch=20 expansion_end_epoch=1000 lr_img=100 lr_lr=1e-5) ;;
-      50) o=(syn_steps=80 expert_epochs=2 min_start_epoch=0 current_max_start_epoch=20 max_start_epoch=40 expansion_end_epoch=2000 lr_img=1000 batch_syn=500) ;;
-      *) echo "ipc 1, 10 or 50" >&2; exit 2 ;;
-    esac
-    args=(); for kv in "${o[@]}" "experts=$GSAM_BUF"; do args+=(--option "$kv"); done
-    "${PD[@]}" distill --method datm --dataset cifar10 --zca --ipc "$ipc" --iterations 10000 \
-      --device cuda --out "$RUNS/cifar10/datm_ipc$ipc" --checkpoint-seconds 600 "${args[@]}"
+    # MTT matches the SGD buffer for 5000 iterations; DATM the GSAM buffer for 10000
+    if [[ $method == mtt ]]; then buf="$SGD_BUF"; its=5000; else buf="$GSAM_BUF"; its=10000; fi
+    args=(); for kv in "${o[@]}" "experts=$buf"; do args+=(--option "$kv"); done
+    "${PD[@]}" distill --method "$method" --dataset cifar10 --zca --ipc "$ipc" --iterations "$its" \
+      --device cuda --out "$RUNS/cifar10/${method}_ipc$ipc" --checkpoint-seconds 600 "${args[@]}"
     ;;
   eval)
     dir="${2:?distilled folder}"
