@@ -402,3 +402,14 @@ def test_experts_cli_and_two_ranks_give_the_same_buffer(digits, tmp_path):
     assert two.experts == [0, 1, 2]
     for k in range(3):
         assert torch.equal(one.trajectory(k), two.trajectory(k))
+
+
+def test_buffer_written_before_train_subset_existed_still_continues(small_digits, tmp_path):
+    kw = dict(model_name="convnet-small", num_experts=1, batch=64, seed=6)
+    train_experts(small_digits, epochs=1, out_dir=tmp_path, **kw)
+    meta = json.loads((tmp_path / "buffer.json").read_text())
+    del meta["config"]["train_subset"]            # as written by an older version
+    (tmp_path / "buffer.json").write_text(json.dumps(meta))
+    buf = train_experts(small_digits, epochs=2, out_dir=tmp_path, **kw)
+    assert buf.epochs(0) == 2
+    assert torch.equal(buf.trajectory(0), train_experts(small_digits, epochs=2, **kw).trajectory(0))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -240,7 +240,10 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
         root.mkdir(parents=True, exist_ok=True)
         meta_path = root / BUFFER_FILE
         if meta_path.exists():
-            old = json.loads(meta_path.read_text())["config"]
+            # fields added since a buffer was written take their defaults
+            old = {**{f.name: f.default for f in fields(ExpertConfig)
+                      if f.default is not MISSING},
+                   **json.loads(meta_path.read_text())["config"]}
             if old != asdict(cfg):
                 diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if old.get(k) != v}
                 raise ValueError(f"{root} holds a buffer with another configuration "
