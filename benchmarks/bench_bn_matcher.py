@@ -4,6 +4,7 @@ anchors' hook, side by side in one process (median wall times, CPU).
 
     python -m benchmarks.bench_bn_matcher --threads 1 --reps 7   # results/bench_bn_matcher.{json,md}
     python -m benchmarks.bench_bn_matcher --smoke                # CI: tiny, nothing written
+    python -m benchmarks.bench_bn_matcher --device cuda --reps 51 --name bench_bn_matcher_gpu
 
 Two measurements:
 
@@ -140,15 +141,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="bench_bn_matcher")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (synchronised timing)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 1 if args.smoke else args.reps
     batch = 4 if args.smoke else args.batch
-    net = teacher(args.smoke)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    net = teacher(args.smoke).to(dev)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(batch, 3, 32, 32, generator=g)
-    y = torch.arange(batch) % 10
+    x0 = torch.randn(batch, 3, 32, 32, generator=g).to(dev)
+    y = (torch.arange(batch) % 10).to(dev)
     rows = []
 
     # ---------------------------------------------------------------- statistics part
@@ -167,7 +171,7 @@ def main(argv=None):
     results = {}
     for v in VARIANTS:
         stats_step(STATS[v])  # warm-up (compiles)
-        t = harness.median_time(lambda: stats_step(STATS[v]), reps)
+        t = harness.median_time(lambda: stats_step(STATS[v]), reps, sync=sync)
         results[v] = (t, stats_step(STATS[v]))
     elems = sum(x.numel() for _, x in caps)
     for v in VARIANTS:
@@ -175,7 +179,7 @@ def main(argv=None):
         rows.append(dict(part="stats", variant=v, ms=1e3 * t, saved_mb=nb / 2**20,
                          speedup_vs_eager=results["eager"][0] / t,
                          shape=f"{'ResNet-10' if args.smoke else 'ResNet-18'} BN inputs, batch {batch}, 32x32 ({len(caps)} layers, "
-                               f"{elems / 1e6:.1f} M elements)"))
+                               f"{elems / 1e6:.1f} M elements)", device=str(dev)))
 
     # ---------------------------------------------------------------- whole recover iteration
     def make(v):
@@ -202,13 +206,14 @@ def main(argv=None):
     for v in ("none",) + VARIANTS:
         it, matcher = make(v)
         it()
-        times[v] = harness.median_time(it, reps)
+        times[v] = harness.median_time(it, reps, sync=sync)
         if matcher is not None:
             matcher.remove()
     for v in ("none",) + VARIANTS:
         rows.append(dict(part="recover", variant=v, ms=1e3 * times[v], saved_mb=None,
                          speedup_vs_eager=times["eager"] / times[v],
-                         shape=f"{'ResNet-10' if args.smoke else 'ResNet-18'} recover iteration, batch {batch}, 32x32"))
+                         shape=f"{'ResNet-10' if args.smoke else 'ResNet-18'} recover iteration, batch {batch}, 32x32",
+                         device=str(dev)))
 
     lines = ["| part | variant | ms (median) | speed-up vs eager hook | extra saved for backward (MB) |",
              "|---|---|---|---|---|"]

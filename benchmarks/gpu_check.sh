@@ -170,6 +170,14 @@ if want bnbench && (( $(left) > 90 )); then
     --reps 51 --out "$OUT" --name bench_bn_moments_gpu > "$OUT/bench_bn_moments_gpu.log" 2>&1 \
     && { rm -f "$OUT/bench_bn_moments_gpu.log" "$OUT/bench_bn_moments_gpu.json"; STATUS+=("bnbench: ok"); } \
     || { tail -20 "$OUT/bench_bn_moments_gpu.log"; STATUS+=("bnbench: FAILED"); }
+  # BNStatMatcher vs the anchors' hook / compile, statistics and one whole recover iteration
+  # (ResNet-18, batch 64, 32x32) on the GPU; writes bench_bn_matcher_gpu.md
+  if (( $(left) > 60 )); then
+    timeout -s INT -k 15 $(( $(left) - 30 )) "$PY" -m benchmarks.bench_bn_matcher --device cuda \
+      --reps 51 --out "$OUT" --name bench_bn_matcher_gpu > "$OUT/bench_bn_matcher_gpu.log" 2>&1 \
+      && { rm -f "$OUT/bench_bn_matcher_gpu.log" "$OUT/bench_bn_matcher_gpu.json"; STATUS+=("bnbench recover: ok"); } \
+      || { tail -20 "$OUT/bench_bn_matcher_gpu.log"; STATUS+=("bnbench recover: FAILED"); }
+  fi
 fi
 
 # expert ensemble on the GPU (issue 6): K=8 ConvNet-3 experts x 1 epoch, vmapped vs one after
