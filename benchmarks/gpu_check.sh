@@ -12,7 +12,7 @@
 #                       with what is left), tests/ops (CPU-only tests,
 #                       last: they need no GPU).
 #   STAGES              subset of "env build cuda triton bench bnbench trajbench ops" (default:
-#                       all but the opt-in bnbench), e.g. split
+#                       all; each benchmark stage runs only if time is left), e.g. split
 #                       over two calls on a warm machine: STAGES="env build cuda" then
 #                       STAGES="triton bench ops" (the in-place build stays between calls).
 # Files written to $OUT (at most 8 come back): env.txt, build.log, pytest_cuda.txt,
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
-STAGES="${STAGES:-env build cuda triton bench trajbench ops}"
+STAGES="${STAGES:-env build cuda triton bench bnbench trajbench ops}"
 T0=$(date +%s)
 PY="${PYTHON:-python}"
 
