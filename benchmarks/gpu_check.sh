@@ -162,7 +162,7 @@ if want bench; then
   fi
 fi
 
-# opt-in (STAGES="... bnbench"): bn_moments vs the anchors' BN hook / var_mean / torch.compile on
+# bnbench: bn_moments vs the anchors' BN hook / var_mean / torch.compile on
 # the GPU (benchmarks/bench_bn_moments.py --device cuda; writes bench_bn_moments_gpu.md only)
 if want bnbench && (( $(left) > 90 )); then
   log "bn_moments GPU benchmark (log: $OUT/bench_bn_moments_gpu.md)"
