@@ -367,18 +367,27 @@ def test_expert_slices_cover_the_buffer_once(k, world):
 def _experts_cli(out, extra=()):
     return ["experts", "--dataset", "digits", "--model", "convnet-small", "--num-experts", "3",
             "--epochs", "2", "--batch-size", "64", "--train-subset", "150", "--seed", "2",
-            "--out", str(out), "--quiet", *extra]
+            "--out", str(out), "--quiet", "--threads", "1", *extra]
 
 
 def _run_rank(rank, world, port, argv):
     import os
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     assert cli.main(argv) == 0
 
 
-def test_experts_cli_and_two_ranks_give_the_same_buffer(digits, tmp_path):
+@pytest.fixture
+def restore_threads():
+    # the CLI's --threads sets torch's process-wide thread count; give it back afterwards
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_experts_cli_and_two_ranks_give_the_same_buffer(digits, tmp_path, restore_threads):
+    # bitwise equality needs the same reduction order, i.e. the same thread count on both
+    # sides (every call below runs --threads 1, as the ranks do)
     assert cli.main(_experts_cli(tmp_path / "one", ["--stop-after-epochs", "1"])) == 0
     assert [ExpertBuffer.load(tmp_path / "one").epochs(k) for k in range(3)] == [1, 1, 1]
     assert cli.main(_experts_cli(tmp_path / "one")) == 0          # continues to epoch 2
