@@ -18,6 +18,7 @@ name               network
 ``resnet18-in``    CIFAR ResNet-18 with instance norm (the dataset-distillation code's
                    "ResNet18", used for cross-architecture evaluation)
 ``resnet-small``   CIFAR ResNet-10, width 16, BatchNorm -- fast on CPU
+``resnet18-small`` CIFAR ResNet-18, width 16, BatchNorm -- a deep BN teacher that trains on CPU
 ``mlp``            MLP, 3 layers, width 128 (reference "MLP")
 =================  =========================================================================
 
@@ -63,6 +64,8 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any], str]] = {
                     "CIFAR ResNet-18, width 64, instance norm"),
     "resnet-small": (ResNet, dict(depth=10, width=16, norm="batchnorm"),
                      "CIFAR ResNet-10, width 16, BatchNorm (small)"),
+    "resnet18-small": (ResNet, dict(depth=18, width=16, norm="batchnorm"),
+                       "CIFAR ResNet-18, width 16, BatchNorm (deep, small)"),
     "mlp": (MLP, dict(width=128, depth=3), "MLP, 3 layers, width 128"),
 }
 

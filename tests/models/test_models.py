@@ -41,7 +41,7 @@ def test_known_models():
     assert NAMES == sorted(NAMES)
     assert set(NAMES) == {"convnet", "convnet-bn", "convnet-ln", "convnet-gn", "convnet-nonorm",
                           "convnet-maxpool", "convnet-d4", "convnet-small", "resnet10",
-                          "resnet18", "resnet18-in", "resnet-small", "mlp"}
+                          "resnet18", "resnet18-in", "resnet-small", "resnet18-small", "mlp"}
 
 
 def test_registry_configs_and_name_normalisation():
