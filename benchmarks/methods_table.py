@@ -9,7 +9,8 @@ Each cell is METHOD:DATASET:IPC:ITERATIONS and runs
 
 (ITERATIONS 0 with METHOD random runs `pydistill baseline --kind random` instead). A cell may
 carry method options after an ``@``: ``mtt:mnist:10:200@experts=DIR,syn_steps=10`` passes each
-``key=value`` as ``--option`` and names the run folder with a short hash of them. The eval
+``key=value`` as ``--option`` (except ``zca=1``, which distils in ZCA space: ``--zca``) and
+names the run folder with a short hash of them. The eval
 records are collected into benchmarks/results/methods_table.{json,md} beside the papers'
 numbers (REFERENCE.md 6.1). A cell whose record exists is skipped, so an interrupted queue
 continues where it stopped; a distillation interrupted mid-run resumes from its checkpoint.
@@ -103,7 +104,10 @@ def main(argv=None):
             out = Path(args.runs) / ds / f"{method}_ipc{ipc}_it{its}{options_tag(opts)}"
             if not (out / "distilled.safetensors").exists():
                 resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-                extra = [a for k in sorted(opts) for a in ("--option", f"{k}={opts[k]}")]
+                extra = [a for k in sorted(opts) if k != "zca"
+                         for a in ("--option", f"{k}={opts[k]}")]
+                if opts.get("zca", "0") not in ("0", "false", "False"):
+                    extra.append("--zca")
                 sh(exe + ["distill", "--method", method, "--dataset", ds, "--ipc", str(ipc),
                           "--iterations", str(its), "--seed", "0", "--out", str(out),
                           "--checkpoint-seconds", "120", "--quiet"] + resume + extra)

@@ -422,3 +422,18 @@ def test_buffer_written_before_train_subset_existed_still_continues(small_digits
     buf = train_experts(small_digits, epochs=2, out_dir=tmp_path, **kw)
     assert buf.epochs(0) == 2
     assert torch.equal(buf.trajectory(0), train_experts(small_digits, epochs=2, **kw).trajectory(0))
+
+
+def test_buffer_from_other_data_is_refused(small_digits, tmp_path):
+    import dataclasses
+    root = tmp_path / "buf"
+    train_experts(small_digits, model_name="convnet-small", num_experts=1, epochs=4, batch=128,
+                  seed=0, out_dir=root)
+    assert ExpertBuffer.load(root).config.zca is False
+    _make("mtt", small_digits, experts=str(root), num_experts=1)    # its own data: accepted
+    zca = load_dataset("digits", zca=True)
+    with pytest.raises(ValueError, match=r"trained on 'digits' \(zca=False\).*zca=True"):
+        _make("mtt", zca, experts=str(root), num_experts=1)
+    other = dataclasses.replace(small_digits, name="digits-b")
+    with pytest.raises(ValueError, match="runs on 'digits-b'"):
+        _make("mtt", other, experts=str(root), num_experts=1)

@@ -81,6 +81,7 @@ class ExpertConfig:
     model_kwargs: Dict = field(default_factory=dict)
     num_params: int = 0
     train_subset: Optional[int] = None  # experts see a seeded subset of this many images
+    zca: bool = False                   # trained on ZCA-whitened images (MTT's CIFAR setting)
 
     def subset_indices(self, n: int) -> Optional[torch.Tensor]:
         """The training-image indices of a ``train_subset`` buffer (None: all ``n``)."""
@@ -233,7 +234,8 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
                        num_params=fm.num_params,
                        train_subset=(None if train_subset is None
                                      or train_subset >= dataset.train_labels.numel()
-                                     else int(train_subset)))
+                                     else int(train_subset)),
+                       zca=dataset.zca is not None)
     root = None
     if out_dir is not None:
         root = Path(out_dir)

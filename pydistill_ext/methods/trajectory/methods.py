@@ -144,6 +144,17 @@ class MTT(DistillMethod):
     def _setup(self) -> None:
         """Subclass hook (soft labels, EMA)."""
 
+    def _check_buffer_matches(self, buf: ExpertBuffer, root: Path) -> None:
+        """A buffer trained on other data (or in the other colour space) would load without
+        complaint when the shapes agree (MNIST vs Fashion-MNIST; ZCA vs raw CIFAR-10)."""
+        c, ds = buf.config, self.dataset
+        zca = ds.zca is not None
+        if c.dataset != ds.name or c.zca != zca:
+            raise ValueError(
+                f"experts={root}: the buffer was trained on {c.dataset!r} (zca={c.zca}), this "
+                f"distillation runs on {ds.name!r} (zca={zca}); train a buffer for it with "
+                f"`pydistill experts --dataset {ds.name}{' --zca' if zca else ''}`")
+
     def _load_buffer(self) -> ExpertBuffer:
         hp = self.hp
         epochs = hp["max_start_epoch"] + hp["expert_epochs"]
@@ -155,6 +166,7 @@ class MTT(DistillMethod):
             root = Path(hp["experts"])
             if (root / "buffer.json").exists():
                 buf = ExpertBuffer.load(root)
+                self._check_buffer_matches(buf, root)
                 if len(buf) and min(buf.epochs(k) for k in buf.experts) >= epochs:
                     return buf
                 # too short: continue it with its own configuration
