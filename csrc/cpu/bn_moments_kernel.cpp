@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "pydistill/bn_checks.h"
+#include "pydistill/chan_merge.h"
 
 namespace pydistill {
 namespace {
@@ -66,24 +67,6 @@ struct Stat {
   T mean = T(0);
   T m2 = T(0);
 };
-
-// Chan's merge of (nb, mb, m2b) into acc.
-template <typename T>
-inline void chan_merge(Stat<T>& acc, int64_t nb, T mb, T m2b) {
-  if (nb == 0) return;
-  if (acc.n == 0) {
-    acc.n = nb;
-    acc.mean = mb;
-    acc.m2 = m2b;
-    return;
-  }
-  const int64_t n = acc.n + nb;
-  const T d = mb - acc.mean;
-  const T ratio = static_cast<T>(nb) / static_cast<T>(n);
-  acc.mean += d * ratio;
-  acc.m2 += m2b + d * d * static_cast<T>(acc.n) * ratio;
-  acc.n = n;
-}
 
 // VL values of scalar_t at p as a vector of the compute type.
 template <typename scalar_t>

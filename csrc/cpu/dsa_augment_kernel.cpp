@@ -122,23 +122,10 @@ struct Worker {
   int rotate_corners(const dsa::Sample<T>& s, int64_t i, int64_t j, int64_t* q, T* w) const {
     const T xs = s.cs * bx[j] - s.sn * by[i];
     const T ys = s.sn * bx[j] + s.cs * by[i];
-    int64_t x0, y0;
-    T tx, ty;
-    split(dsa::unnormalize(xs, W, align), W, &x0, &tx);
-    split(dsa::unnormalize(ys, H, align), H, &y0, &ty);
-    int n = 0;
-    for (int dy = 0; dy < 2; ++dy) {
-      const int64_t y = y0 + dy;
-      if (y < 0 || y >= H) continue;
-      const T wy = dy ? ty : T(1) - ty;
-      for (int dx = 0; dx < 2; ++dx) {
-        const int64_t x = x0 + dx;
-        if (x < 0 || x >= W) continue;
-        q[n] = y * W + x;
-        w[n] = wy * (dx ? tx : T(1) - tx);
-        ++n;
-      }
-    }
+    int64_t ri[4], rj[4];
+    const int n = dsa::bilinear(dsa::unnormalize(ys, H, align), dsa::unnormalize(xs, W, align),
+                                H, W, ri, rj, w);
+    for (int k = 0; k < n; ++k) q[k] = ri[k] * W + rj[k];
     return n;
   }
 
@@ -396,38 +383,41 @@ void dsa_backward_impl(const scalar_t* go, const double* params, scalar_t* gx, i
   });
 }
 
-Tensor dsa_apply_forward_cpu(const Tensor& x_in, const Tensor& params_in, int64_t flags,
-                             bool align_corners) {
-  check_dsa_apply_args(x_in, "x", params_in, flags);
-  const Tensor x = x_in.contiguous();
+// One wrapper for both directions: the same checks, layout and dispatch; only the kernel (and
+// the argument named in errors) differs.
+template <bool kBackward>
+Tensor dsa_apply_cpu(const Tensor& in, const char* name, const Tensor& params_in, int64_t flags,
+                     bool align_corners) {
+  check_dsa_apply_args(in, name, params_in, flags);
+  const Tensor src = in.contiguous();
   const Tensor params = params_in.contiguous();
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return y;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H * W < (int64_t{1} << 31), "pydistill_ext: x has ", H * W,
+  Tensor out = at::empty_like(src, at::MemoryFormat::Contiguous);
+  if (src.numel() == 0) return out;
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  TORCH_CHECK(H * W < (int64_t{1} << 31), "pydistill_ext: ", name, " has ", H * W,
               " pixels per image; at most 2^31 - 1 are supported");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsa_apply_cpu", [&] {
-    dsa_forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), params.const_data_ptr<double>(),
-                               y.mutable_data_ptr<scalar_t>(), N, C, H, W, flags, align_corners);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
+                                  kBackward ? "dsa_apply_bwd_cpu" : "dsa_apply_cpu", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    const double* p = params.const_data_ptr<double>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if constexpr (kBackward) {
+      dsa_backward_impl<scalar_t>(s, p, o, N, C, H, W, flags, align_corners);
+    } else {
+      dsa_forward_impl<scalar_t>(s, p, o, N, C, H, W, flags, align_corners);
+    }
   });
-  return y;
+  return out;
 }
 
-Tensor dsa_apply_backward_cpu(const Tensor& grad_out, const Tensor& params_in, int64_t flags,
+Tensor dsa_apply_forward_cpu(const Tensor& x, const Tensor& params, int64_t flags,
+                             bool align_corners) {
+  return dsa_apply_cpu<false>(x, "x", params, flags, align_corners);
+}
+
+Tensor dsa_apply_backward_cpu(const Tensor& grad_out, const Tensor& params, int64_t flags,
                               bool align_corners) {
-  check_dsa_apply_args(grad_out, "grad_out", params_in, flags);
-  const Tensor go = grad_out.contiguous();
-  const Tensor params = params_in.contiguous();
-  Tensor gx = at::empty_like(go, at::MemoryFormat::Contiguous);
-  if (go.numel() == 0) return gx;
-  const int64_t N = go.size(0), C = go.size(1), H = go.size(2), W = go.size(3);
-  TORCH_CHECK(H * W < (int64_t{1} << 31), "pydistill_ext: grad_out has ", H * W,
-              " pixels per image; at most 2^31 - 1 are supported");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "dsa_apply_bwd_cpu", [&] {
-    dsa_backward_impl<scalar_t>(go.const_data_ptr<scalar_t>(), params.const_data_ptr<double>(),
-                                gx.mutable_data_ptr<scalar_t>(), N, C, H, W, flags, align_corners);
-  });
-  return gx;
+  return dsa_apply_cpu<true>(grad_out, "grad_out", params, flags, align_corners);
 }
 
 }  // namespace

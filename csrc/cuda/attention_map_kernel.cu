@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "pydistill/feature_checks.h"
+#include "pydistill/block_sum.cuh"
 
 namespace pydistill {
 namespace {
@@ -51,22 +52,6 @@ __device__ __forceinline__ T abs_pow_grad(T x, T p, int mode) {
     case 4: return T(4) * x * x * x;
     default: return x == T(0) ? T(0) : p * ::pow(x < T(0) ? -x : x, p - T(2)) * x;
   }
-}
-
-template <typename T>
-__device__ T block_sum(T v, T* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // shared may still be read from a previous call
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x >> 5) ? shared[lane] : T(0);
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  return shared[0];
 }
 
 template <typename scalar_t>

@@ -37,6 +37,7 @@
 #include <algorithm>
 
 #include "pydistill/bn_checks.h"
+#include "pydistill/chan_merge.h"
 
 namespace pydistill {
 namespace {
@@ -60,23 +61,6 @@ __device__ __forceinline__ void ws_add(WelfordState<T>& s, T v) {
   const T d = v - s.mean;
   s.mean += d / static_cast<T>(s.n);
   s.m2 += d * (v - s.mean);
-}
-
-template <typename T>
-__device__ __forceinline__ void ws_merge(WelfordState<T>& a, T mb, T m2b, int64_t nb) {
-  if (nb == 0) return;
-  if (a.n == 0) {
-    a.mean = mb;
-    a.m2 = m2b;
-    a.n = nb;
-    return;
-  }
-  const int64_t n = a.n + nb;
-  const T d = mb - a.mean;
-  const T r = static_cast<T>(nb) / static_cast<T>(n);
-  a.mean += d * r;
-  a.m2 += m2b + d * d * static_cast<T>(a.n) * r;
-  a.n = n;
 }
 
 // Offset of the group's first element (its shift K_g).
@@ -116,7 +100,7 @@ __global__ void stage1_runs_kernel(const scalar_t* __restrict__ x, int64_t G, in
   for (int off = kRunThreads / 2; off > 0; off >>= 1) {
     if (t < off) {
       WelfordState<T> a{sm[t], sq[t], sn[t]};
-      ws_merge(a, sm[t + off], sq[t + off], sn[t + off]);
+      chan_merge(a, sn[t + off], sm[t + off], sq[t + off]);
       sm[t] = a.mean;
       sq[t] = a.m2;
       sn[t] = a.n;
@@ -158,7 +142,7 @@ __global__ void stage1_rows_kernel(const scalar_t* __restrict__ x, int64_t R, in
   __syncthreads();
   if (ty == 0 && c < C) {
     WelfordState<T> a{sm[0][tx], sq[0][tx], sn[0][tx]};
-    for (int k = 1; k < kRowsY; ++k) ws_merge(a, sm[k][tx], sq[k][tx], sn[k][tx]);
+    for (int k = 1; k < kRowsY; ++k) chan_merge(a, sn[k][tx], sm[k][tx], sq[k][tx]);
     const int64_t g = b * C + c;
     pmean[g * P + p] = a.mean;
     pm2[g * P + p] = a.m2;
@@ -178,7 +162,7 @@ __global__ void stage2_kernel(const scalar_t* __restrict__ x, int64_t G, int64_t
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= G) return;
   WelfordState<T> a{T(0), T(0), 0};
-  for (int64_t p = 0; p < P; ++p) ws_merge(a, pmean[g * P + p], pm2[g * P + p], pn[g * P + p]);
+  for (int64_t p = 0; p < P; ++p) chan_merge(a, pn[g * P + p], pmean[g * P + p], pm2[g * P + p]);
   const T shift = static_cast<T>(x[group_first(g, rows, per_sample, C, S)]);
   mean[g] = shift + a.mean;
   var[g] = a.m2 / static_cast<T>(unbiased ? a.n - 1 : a.n);

@@ -30,6 +30,7 @@
 
 #include "pydistill/dsa_taps.h"
 #include "pydistill/feature_checks.h"
+#include "pydistill/block_sum.cuh"
 
 namespace pydistill {
 namespace {
@@ -39,21 +40,6 @@ using dsa::kMaxTaps;
 using dsa::kNumParams;
 constexpr int kThreads = 256;
 
-__device__ double block_sum_double(double v, double* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x >> 5) ? shared[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  return shared[0];
-}
-
 template <typename scalar_t>
 __global__ void dsa_mean_kernel(const scalar_t* __restrict__ x, at::opmath_type<scalar_t>* __restrict__ mu,
                                 int64_t N, int64_t CHW) {
@@ -62,7 +48,7 @@ __global__ void dsa_mean_kernel(const scalar_t* __restrict__ x, at::opmath_type<
     double acc = 0.0;
     for (int64_t e = threadIdx.x; e < CHW; e += blockDim.x)
       acc += static_cast<double>(x[n * CHW + e]);
-    acc = block_sum_double(acc, shared);
+    acc = block_sum<double>(acc, shared);
     if (threadIdx.x == 0)
       mu[n] = static_cast<at::opmath_type<scalar_t>>(acc / static_cast<double>(CHW));
   }
@@ -141,7 +127,7 @@ __global__ void dsa_backward_scatter_kernel(const scalar_t* __restrict__ go,
       }
     }
     if (flags & dsa::kContrast) {  // uniform per block: every thread reaches the reduction
-      const double tot = block_sum_double(contrib, shared);
+      const double tot = block_sum<double>(contrib, shared);
       if (threadIdx.x == 0) atomicAdd(G + n, tot);
     }
   }

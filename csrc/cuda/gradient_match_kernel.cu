@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "pydistill/gradient_match.h"
+#include "pydistill/block_sum.cuh"
 
 namespace pydistill {
 namespace {
@@ -49,22 +50,6 @@ struct Meta {
     return lo;
   }
 };
-
-template <typename T>
-__device__ T block_sum(T v, T* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x >> 5) ? shared[lane] : T(0);
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  return shared[0];
-}
 
 template <typename scalar_t>
 __global__ void match_stats_kernel(Meta meta, int64_t R, bool mse, at::opmath_type<scalar_t>* st) {
