@@ -154,16 +154,18 @@ def test_exact_saved_memory_is_flat_unroll_grows():
 
 
 # ------------------------------------------------------------------------------ experts
-def test_ensemble_equals_separately_trained_experts(small_digits):
+@pytest.mark.parametrize("batched", ["grouped", "vmap"])
+def test_ensemble_equals_separately_trained_experts(small_digits, batched):
     kw = dict(model_name="convnet-small", epochs=2, batch=64, seed=4, dtype=torch.float64)
-    ens = train_experts(small_digits, num_experts=3, batched=True, **kw)
+    ens = train_experts(small_digits, num_experts=3, batched=batched, **kw)
+    assert ens.stats["batched"] == batched
     seq = train_experts(small_digits, num_experts=3, batched=False, **kw)
     for k in range(3):
         alone = train_experts(small_digits, num_experts=1, first_expert=k, batched=False, **kw)
         a = alone.trajectory(k)
         assert a.shape == (3, alone.config.num_params)
         assert torch.equal(seq.trajectory(k), a)          # same code path: bitwise
-        torch.testing.assert_close(ens.trajectory(k), a, rtol=1e-10, atol=1e-12)  # vmap
+        torch.testing.assert_close(ens.trajectory(k), a, rtol=1e-10, atol=1e-12)  # batched
         assert not torch.equal(a[0], a[-1])
     # experts differ from each other (own seeds), epoch 0 is the seeded initialisation
     assert not torch.equal(ens.trajectory(0)[0], ens.trajectory(1)[0])
@@ -192,6 +194,31 @@ def test_buffer_save_resume_bitwise(small_digits, tmp_path, momentum):
         assert full.trajectory(k).dtype == torch.float32 and full.epochs(k) == 3
     with pytest.raises(ValueError, match="another configuration"):
         train_experts(small_digits, epochs=3, out_dir=tmp_path / "b", **{**kw, "seed": 2})
+
+
+@pytest.mark.parametrize("sam", ["sam", "gsam"])
+def test_grouped_sam_ensemble_equals_sequential(small_digits, sam):
+    kw = dict(model_name="convnet-small", num_experts=2, epochs=1, batch=64, seed=1, sam=sam,
+              dtype=torch.float64)
+    ens = train_experts(small_digits, batched="grouped", **kw)
+    seq = train_experts(small_digits, batched=False, **kw)
+    for k in range(2):
+        torch.testing.assert_close(ens.trajectory(k), seq.trajectory(k), rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_batched_true_picks_grouped_for_convnet_and_vmap_otherwise(small_digits):
+    kw = dict(num_experts=2, epochs=1, batch=64, seed=0)
+    assert train_experts(small_digits, model_name="convnet-small", **kw).stats["batched"] \
+        == "grouped"
+    ln = train_experts(small_digits, model_name="convnet-small", batched=True,
+                       model_kwargs={"norm": "layernorm"}, **kw)
+    assert ln.stats["batched"] == "vmap"
+    with pytest.raises(ValueError, match="batched='grouped'"):
+        train_experts(small_digits, model_name="convnet-small", batched="grouped",
+                      model_kwargs={"norm": "batchnorm"}, **kw)
+    with pytest.raises(ValueError, match="batched must be"):
+        train_experts(small_digits, model_name="convnet-small", batched="loop", **kw)
 
 
 def test_gsam_experts_differ_from_sgd(small_digits):

@@ -11,11 +11,19 @@ reseeds from the clock; here expert ``e`` of a buffer with ``seed`` s has its ow
 ``DiffAugment``). So an expert does not depend on which other experts it is trained with, or
 whether it is trained in a batch or alone.
 
-``batched=True`` stacks the K experts' flat parameter vectors into one [K, P] tensor and takes
-the K gradients with one ``torch.func.vmap(torch.func.grad(loss))`` over
-``functional_call`` (the flat-vector form of ``stack_module_state`` + ``vmap``: vmap turns
-the K convolutions into one grouped convolution); ``batched=False`` runs the same
-per-expert function in a loop (the comparison). The two agree to rounding (float64: ~1e-15).
+``batched`` stacks the K experts' flat parameter vectors into one [K, P] tensor and takes the
+K gradients at once, in one of two forms:
+
+- ``"grouped"`` (``ensemble.GroupedConvNet``): the K ConvNets stacked along the channel axis
+  as one network with grouped convolutions, one forward and one backward;
+- ``"vmap"``: ``torch.func.vmap(torch.func.grad(loss))`` over ``functional_call`` (the
+  flat-vector form of ``stack_module_state`` + ``vmap``), for any model.
+
+``batched=True`` picks ``"grouped"`` where the model supports it, else ``"vmap"``;
+``batched=False`` runs the per-expert function in a loop (the comparison). All agree to
+rounding (float64: ~1e-15). Which is fastest depends on the device: on CPU the convolutions
+are compute-bound and the loop is as fast (``benchmarks/bench_trajectory.py``), so the CLI
+trains sequentially there and batched on CUDA.
 
 FTD's flat experts (Du et al., "Minimizing the Accumulated Trajectory Error to Improve Dataset
 Distillation", CVPR 2023; REFERENCE.md 5.3) use GSAM (Zhuang et al., "Surrogate Gap Guided
@@ -36,7 +44,7 @@ import json
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +52,8 @@ from torch.func import grad, vmap
 
 from pydistill_ext import artifacts as art
 from pydistill_ext.augment.dsa import default_strategy, dsa_augment
+from pydistill_ext.methods.trajectory.ensemble import (GroupedConvNet, grouped_direction,
+                                                       grouped_supported)
 from pydistill_ext.methods.trajectory.unroll import FlatModel, derive_seed
 from pydistill_ext.models import get_model
 
@@ -192,7 +202,7 @@ def _batch(dataset_x, dataset_y, orders, seeds, epoch, b, cfg, strategy, device,
 # ------------------------------------------------------------------------------ training
 def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, epochs: int = 1,
                   lr: float = 0.01, batch: int = 256, dsa: bool = True, seed: int = 0,
-                  out_dir=None, batched: bool = True, *, momentum: float = 0.0,
+                  out_dir=None, batched: Union[bool, str] = True, *, momentum: float = 0.0,
                   weight_decay: float = 0.0, sam: Optional[str] = None, rho: float = 0.01,
                   gsam_alpha: float = 0.3, first_expert: int = 0, group: Optional[int] = None,
                   dtype: torch.dtype = torch.float32, device="cpu", progress: bool = False,
@@ -200,9 +210,9 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
                   train_subset: Optional[int] = None) -> ExpertBuffer:
     """Train experts ``first_expert .. first_expert + num_experts − 1`` for ``epochs`` epochs.
 
-    Defaults are MTT's buffer (lr 0.01, momentum 0, batch 256, DSA). ``batched=True`` trains
-    ``group`` experts at a time (default: all) as one vmapped ensemble; ``batched=False`` one
-    after another. With ``out_dir`` the trajectories are written there (and an existing
+    Defaults are MTT's buffer (lr 0.01, momentum 0, batch 256, DSA). ``batched`` (``True``,
+    ``"grouped"`` or ``"vmap"``, see the module docstring) trains ``group`` experts at a time
+    (default: all) as one ensemble; ``batched=False`` one after another. With ``out_dir`` the trajectories are written there (and an existing
     buffer with the same configuration is continued from its last saved epoch); without, they
     are kept in memory. ``first_expert`` lets ranks (torchrun) train disjoint slices of one
     buffer. ``stop_after_epochs`` trains every expert at most that many epochs in this call (time
@@ -219,11 +229,18 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
         raise ValueError(f"lr must be > 0, got {lr}")
     if train_subset is not None and (not isinstance(train_subset, int) or train_subset < 1):
         raise ValueError(f"train_subset must be None or an int >= 1, got {train_subset!r}")
+    if batched not in (True, False, "grouped", "vmap"):
+        raise ValueError(f"batched must be True, False, 'grouped' or 'vmap', got {batched!r}")
     device = torch.device(device)
     model_kwargs = dict(model_kwargs or {})
     net = get_model(model_name, dataset.channels, dataset.num_classes, dataset.im_size, seed=0,
                     **model_kwargs)
     fm = FlatModel(net.to(device=device, dtype=dtype))
+    if batched is True:
+        batched = "grouped" if grouped_supported(net) else "vmap"
+    elif batched == "grouped" and not grouped_supported(net):
+        raise ValueError(f"batched='grouped' needs a ConvNet with instance/group/no norm; "
+                         f"model {model_name!r} {model_kwargs} is not one (use 'vmap')")
     cfg = ExpertConfig(dataset=dataset.name, model=model_name, channels=dataset.channels,
                        num_classes=dataset.num_classes, im_size=list(dataset.im_size),
                        seed=int(seed), lr=float(lr), batch=int(batch), momentum=float(momentum),
@@ -266,6 +283,7 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
             _train_group(dataset, fm, cfg, [e], epochs, root, mem, False, dtype, device,
                          progress, [stop_after_epochs], stats)
     buf = ExpertBuffer(cfg, root, None if root is not None else mem)
+    stats["batched"] = batched
     buf.stats = stats
     return buf
 
@@ -299,7 +317,11 @@ def _train_group(dataset, fm: FlatModel, cfg: ExpertConfig, indices: List[int], 
     theta = torch.stack([t[start] for t in trajs]).to(device)
     mom = torch.stack([m[start] for m in moms]).to(device) if cfg.momentum else None
     direction = _make_direction(fm, cfg)
-    batched_dir = vmap(direction) if batched else None
+    if batched == "grouped":
+        batched_dir = grouped_direction(GroupedConvNet(fm.module), cfg.sam, cfg.rho,
+                                        cfg.gsam_alpha)
+    else:
+        batched_dir = vmap(direction) if batched else None
     x_all, y_all = dataset.train_images, dataset.train_labels
     keep = cfg.subset_indices(x_all.shape[0])
     if keep is not None:
