@@ -190,6 +190,46 @@ def _synthetic(name, n):
                        test_images=x[:10], test_labels=y[:10], mean=(0.0,) * c, std=(1.0,) * c)
 
 
+def part_b_step(shape, k, batch, reps, device="cpu"):
+    """One ensemble gradient (K experts × one batch, no augmentation) per form, the forms
+    interleaved rep by rep on the same inputs; median seconds (CPU: process time)."""
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+    from pydistill_ext.methods.trajectory.ensemble import GroupedConvNet
+    c, hw = (1, 28) if shape == "mnist" else (3, 32)
+    net = get_model("convnet", c, 10, (hw, hw), seed=0).to(device)
+    fm, ens = FlatModel(net), GroupedConvNet(net)
+    g = grad(lambda t, x, y: F.cross_entropy(fm(t, x), y))
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.stack([fm.flatten(get_model("convnet", c, 10, (hw, hw), seed=s))
+                         for s in range(k)]).to(device)
+    x = torch.randn(k, batch, c, hw, hw, generator=gen).to(device)
+    y = torch.randint(0, 10, (k, batch), generator=gen).to(device)
+    forms = {"grouped": ens.grad_fn(), "vmap": vmap(g),
+             False: lambda t, a, b: torch.stack([g(t[i], a[i], b[i]) for i in range(k)])}
+    cuda = str(device).startswith("cuda")
+    times = {f: [] for f in forms}
+    for rep in range(reps + 1):                   # rep 0 warms up
+        for f, fn in forms.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(theta, x, y)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0 if cuda else time.process_time() - c0
+            if rep:
+                times[f].append(dt)
+    med = {f: statistics.median(v) for f, v in times.items()}
+    rows = [{"part": "ensemble_step", "shape": shape, "experts": k, "batch": batch,
+             "batched": f, "seconds": med[f], "reps": reps, "device": str(device),
+             "batched_over_sequential": med[False] / med[f]} for f in forms]
+    print(f"ensemble gradient {shape} K={k} B={batch}: " + ", ".join(
+        f"{r['batched'] or 'sequential'} {r['seconds']:.2f} s ({r['batched_over_sequential']:.2f}x)"
+        for r in rows), flush=True)
+    return rows
+
+
 def part_b(shape, k, epochs, n_images, batch, device="cpu"):
     if shape.startswith("synthetic-"):
         ds = _synthetic(shape, n_images or 4096)
@@ -308,6 +348,17 @@ def _table(rows, argv):
                             f"{sq[0]['syn_steps']} to {sq[-1]['syn_steps']} steps; time / unroll: "
                             + ", ".join(f"{e['seconds'] / u['seconds']:.2f}× "
                                         f"(N={e['syn_steps']})" for e, u in zip(sq, un)) + "."]
+    st = [r for r in rows if r["part"] == "ensemble_step"]
+    if st:
+        out += ["", "**One ensemble gradient** (K experts × one batch, ConvNet-3, no augmentation; "
+                "the three forms interleaved on the same inputs, median of "
+                f"{st[0]['reps']}; CPU: process time, CUDA: synchronised wall time):", "",
+                "| device | shape | K | batch | form | s | speed vs sequential |",
+                "|---|---|---|---|---|---|---|"]
+        for r in st:
+            out.append(f"| {r['device']} | {r['shape']} | {r['experts']} | {r['batch']} | "
+                       f"{_training_name(r['batched'])} | {r['seconds']:.3f} | "
+                       f"{r['batched_over_sequential']:.2f}× |")
     b = [r for r in rows if r["part"] == "experts"]
     if b:
         out += ["", "**Expert ensemble** (K experts × epochs, ConvNet-3, SGD lr 0.01, DSA):", "",
@@ -338,6 +389,9 @@ def main(argv=None):
     p.add_argument("--expert-data", nargs="+", default=["digits:0:256", "mnist:2048:256"],
                    help="DATASET:N_IMAGES:BATCH for part B (0 = all)")
     p.add_argument("--skip-experts", action="store_true")
+    p.add_argument("--step", nargs="*", default=[],
+                   help="SHAPE:K:BATCH (mnist|cifar) for the one-gradient ensemble comparison")
+    p.add_argument("--step-reps", type=int, default=3)
     p.add_argument("--skip-part-a", action="store_true")
     p.add_argument("--device", default="cpu", help="part B's device (part A runs on the CPU)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-call RSS subprocesses")
@@ -351,12 +405,16 @@ def main(argv=None):
         rows += part_a(a.shape, 2, [1, 2], 1, rss=not a.no_rss)
         rows.append({"part": "float64", **_float64_check(a.shape, 2, 2)})
         rows += part_b("digits", 2, 1, 64, 32)
+        rows += part_b_step("mnist", 2, 8, 1)
         print(_table(rows, argv))
         return
     if not a.skip_part_a:
         rows += part_a(a.shape, a.batch, a.steps, a.reps, rss=not a.no_rss)
         rows.append({"part": "float64", **_float64_check(a.shape, a.batch, min(a.steps))})
         print(rows[-1], flush=True)
+    for spec in a.step:
+        shape, k, b = spec.split(":")
+        rows += part_b_step(shape, int(k), int(b), a.step_reps, device=a.device)
     if not a.skip_experts:
         for spec in a.expert_data:
             name, n, b = spec.split(":")

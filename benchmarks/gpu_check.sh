@@ -180,13 +180,14 @@ if want bnbench && (( $(left) > 90 )); then
   fi
 fi
 
-# expert ensemble on the GPU (issue 6): K=8 ConvNet-3 experts x 1 epoch, vmapped vs one after
-# another, on random images of MNIST / CIFAR shape (no dataset on this machine); writes
-# bench_trajectory_gpu.md
+# expert ensemble on the GPU (issue 6): K=8 ConvNet-3 experts, one gradient and 1 epoch, as
+# grouped convolutions, vmapped and one after another, on random images of MNIST / CIFAR shape
+# (no dataset on this machine); writes bench_trajectory_gpu.md
 if want trajbench && (( $(left) > 90 )); then
   log "expert-ensemble GPU benchmark (log: $OUT/bench_trajectory_gpu.log)"
   timeout -s INT -k 15 $(( $(left) - 30 )) "$PY" -m benchmarks.bench_trajectory --device cuda \
     --skip-part-a --experts 8 --expert-data synthetic-mnist:16384:256 synthetic-cifar:16384:256 \
+    --step mnist:8:256 cifar:8:256 --step-reps 5 \
     --out "$OUT" --name bench_trajectory_gpu > "$OUT/bench_trajectory_gpu.log" 2>&1 \
     && { rm -f "$OUT/bench_trajectory_gpu.log" "$OUT/bench_trajectory_gpu.json"; STATUS+=("trajbench: ok"); } \
     || { tail -20 "$OUT/bench_trajectory_gpu.log"; STATUS+=("trajbench: FAILED"); }
