@@ -24,7 +24,8 @@ GSAM_BUF="$RUNS/experts/cifar10_zca_gsam"
 
 case "${1:-}" in
   buffer)
-    # MTT / TESLA buffer; each rank trains a contiguous slice of the experts (vmapped groups)
+    # MTT / TESLA buffer; each rank trains a contiguous slice of the experts (batched groups of
+    # 10: grouped convolutions, one forward / backward per group)
     "${TR[@]}" experts --dataset cifar10 --zca --num-experts 100 --epochs 50 --batched \
       --group 10 --device cuda --out "$SGD_BUF" --quiet
     # FTD / DATM flat buffer (GSAM); DATM trains 100 epochs (its windows reach epoch 70)
