@@ -1,4 +1,4 @@
-"""Shared checks for the op tests."""
+"""Checks shared by the tests of every directory (ops, cuda, ...)."""
 import pytest
 import torch
 
