@@ -76,7 +76,9 @@ def options_tag(opts):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cells", nargs="+", help="METHOD:DATASET:IPC:ITERATIONS")
+    p.add_argument("cells", nargs="*", help="METHOD:DATASET:IPC:ITERATIONS")
+    p.add_argument("--rewrite-md", action="store_true",
+                   help="rewrite the .md from the recorded .json (no cell needed)")
     p.add_argument("--model", default="convnet")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3)
@@ -129,15 +131,54 @@ def main(argv=None):
         results_path.parent.mkdir(exist_ok=True)
         results_path.write_text(json.dumps(rows, indent=2) + "\n")
         write_md(rows, HERE / "results" / f"{args.name}.md")
+    if args.rewrite_md and results_path.exists():
+        write_md(json.loads(results_path.read_text()), HERE / "results" / f"{args.name}.md")
+
+
+MATRIX_METHODS = ("random", "dc", "dsa", "dm", "datadam", "mtt", "datm")
+
+
+def matrix_lines(rows, order):
+    """One line per (dataset, IPC): each method's longest run (most iterations; iterations in
+    parentheses) and, in bold, whether it beats that IPC's random-real row by more than the
+    two stds together."""
+    cells = {}
+    for r in rows:
+        k = (r["dataset"], r["ipc"], r["method"])
+        if k not in cells or r["iterations"] > cells[k]["iterations"]:
+            cells[k] = r
+    keys = sorted({(d, i) for d, i, _ in cells}, key=lambda k: (order.get(k[0], 9), k[1]))
+    out = ["| dataset | IPC | " + " | ".join(MATRIX_METHODS) + " |",
+           "|---|---|" + "---|" * len(MATRIX_METHODS)]
+    for d, i in keys:
+        base = cells.get((d, i, "random"))
+        row = []
+        for m in MATRIX_METHODS:
+            r = cells.get((d, i, m))
+            if r is None:
+                row.append("–")
+                continue
+            text = f"{r['mean']:.1f} ± {r['std']:.1f}"
+            if m != "random":
+                text += f" ({r['iterations']})"
+                if base is not None and r["mean"] - r["std"] > base["mean"] + base["std"]:
+                    text = f"**{text}**"
+            row.append(text)
+        out.append(f"| {d} | {i} | " + " | ".join(row) + " |")
+    return out
 
 
 def write_md(rows, path):
     import torch
     order = {"mnist": 0, "fashion_mnist": 1, "cifar10": 2}
     rows = sorted(rows, key=lambda r: (order.get(r["dataset"], 9), r["ipc"], r["method"], r["iterations"]))
-    lines = ["| dataset | IPC | method | iterations (paper) | accuracy % (mean ± std) | nets | "
-             "paper | s / iteration | s / eval net |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Summary: each method's longest run per dataset and IPC, accuracy % (iterations); "
+             "**bold**: above random real by more than the two standard deviations together.", ""]
+    lines += matrix_lines(rows, order)
+    lines += ["", "All runs:", ""]
+    lines += ["| dataset | IPC | method | iterations (paper) | accuracy % (mean ± std) | nets | "
+              "paper | s / iteration | s / eval net |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper = "" if r.get("paper") is None else f"{r['paper']}"
         spi = r.get("seconds_per_iteration")
