@@ -25,7 +25,7 @@ do not split by channel block); other models use ``vmap``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -110,19 +110,3 @@ class GroupedConvNet:
                 return torch.autograd.grad(loss, t)[0]
         return g
 
-
-def grouped_direction(ens: GroupedConvNet, sam: Optional[str], rho: float, alpha: float):
-    """The ensemble's update direction, row by row the one ``experts._make_direction`` gives:
-    the gradient, SAM's ``g'`` or GSAM's ``g' − α g_⊥`` with per-expert norms and dots."""
-    g_fn = ens.grad_fn()
-    if sam is None:
-        return g_fn
-
-    def direction(theta, x, y):
-        g = g_fn(theta, x, y)
-        g_p = g_fn(theta + rho * g / (g.norm(dim=1, keepdim=True) + 1e-12), x, y)
-        if sam == "sam":
-            return g_p
-        coef = (g * g_p).sum(1, keepdim=True) / (g_p.pow(2).sum(1, keepdim=True) + 1e-12)
-        return g_p - alpha * (g - coef * g_p)
-    return direction

@@ -52,8 +52,7 @@ from torch.func import grad, vmap
 
 from pydistill_ext import artifacts as art
 from pydistill_ext.augment.dsa import default_strategy, dsa_augment
-from pydistill_ext.methods.trajectory.ensemble import (GroupedConvNet, grouped_direction,
-                                                       grouped_supported)
+from pydistill_ext.methods.trajectory.ensemble import GroupedConvNet, grouped_supported
 from pydistill_ext.methods.trajectory.unroll import FlatModel, derive_seed
 from pydistill_ext.models import get_model
 
@@ -166,18 +165,24 @@ def _make_direction(model: FlatModel, cfg: ExpertConfig):
     def loss(theta, x, y):
         return F.cross_entropy(model(theta, x), y)
 
-    g_fn = grad(loss)
+    return _sam_direction(grad(loss), cfg)
+
+
+def _sam_direction(g_fn, cfg: ExpertConfig):
+    """Wrap a gradient function ``g_fn(θ, x, y)`` into the configured update direction. θ is
+    one expert's [P] vector or the ensemble's [K, P] rows: norms and dots run over the last
+    axis, so row k's direction is expert k's own."""
     if cfg.sam is None:
         return g_fn
 
     def direction(theta, x, y):
         g = g_fn(theta, x, y)
         # ascent step of radius ρ along g / ‖g‖ (tiny epsilon as the GSAM code)
-        g_p = g_fn(theta + cfg.rho * g / (g.norm() + 1e-12), x, y)
+        g_p = g_fn(theta + cfg.rho * g / (g.norm(dim=-1, keepdim=True) + 1e-12), x, y)
         if cfg.sam == "sam":
             return g_p
-        g_perp = g - (torch.dot(g, g_p) / (g_p.pow(2).sum() + 1e-12)) * g_p
-        return g_p - cfg.gsam_alpha * g_perp
+        coef = (g * g_p).sum(-1, keepdim=True) / (g_p.pow(2).sum(-1, keepdim=True) + 1e-12)
+        return g_p - cfg.gsam_alpha * (g - coef * g_p)     # g' − α g_⊥
     return direction
 
 
@@ -318,8 +323,7 @@ def _train_group(dataset, fm: FlatModel, cfg: ExpertConfig, indices: List[int], 
     mom = torch.stack([m[start] for m in moms]).to(device) if cfg.momentum else None
     direction = _make_direction(fm, cfg)
     if batched == "grouped":
-        batched_dir = grouped_direction(GroupedConvNet(fm.module), cfg.sam, cfg.rho,
-                                        cfg.gsam_alpha)
+        batched_dir = _sam_direction(GroupedConvNet(fm.module).grad_fn(), cfg)
     else:
         batched_dir = vmap(direction) if batched else None
     x_all, y_all = dataset.train_images, dataset.train_labels
