@@ -155,10 +155,20 @@ def test_exact_saved_memory_is_flat_unroll_grows():
 
 # ------------------------------------------------------------------------------ experts
 @pytest.mark.parametrize("batched", ["grouped", "vmap"])
-def test_ensemble_equals_separately_trained_experts(small_digits, batched):
+def test_ensemble_equals_separately_trained_experts(small_digits, batched, monkeypatch):
+    from pydistill_ext.methods.trajectory import experts as experts_mod
+    built = []
+
+    class Counting(experts_mod.GroupedConvNet):       # proves the grouped path is trained with
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(experts_mod, "GroupedConvNet", Counting)
     kw = dict(model_name="convnet-small", epochs=2, batch=64, seed=4, dtype=torch.float64)
     ens = train_experts(small_digits, num_experts=3, batched=batched, **kw)
     assert ens.stats["batched"] == batched
+    assert len(built) == (1 if batched == "grouped" else 0)
     seq = train_experts(small_digits, num_experts=3, batched=False, **kw)
     for k in range(3):
         alone = train_experts(small_digits, num_experts=1, first_expert=k, batched=False, **kw)

@@ -217,8 +217,8 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
 
     Defaults are MTT's buffer (lr 0.01, momentum 0, batch 256, DSA). ``batched`` (``True``,
     ``"grouped"`` or ``"vmap"``, see the module docstring) trains ``group`` experts at a time
-    (default: all) as one ensemble; ``batched=False`` one after another. With ``out_dir`` the trajectories are written there (and an existing
-    buffer with the same configuration is continued from its last saved epoch); without, they
+    (default: all) as one ensemble; ``batched=False`` one after another. With ``out_dir`` the
+    trajectories are written there (and an existing buffer with the same configuration is continued from its last saved epoch); without, they
     are kept in memory. ``first_expert`` lets ranks (torchrun) train disjoint slices of one
     buffer. ``stop_after_epochs`` trains every expert at most that many epochs in this call (time
     slicing; tests use it to interrupt). ``train_subset``: every expert trains on the same seeded
@@ -281,7 +281,7 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
     # stop_after_epochs counts per expert: each group trains at most that many epochs
     if batched:
         for j in range(0, len(indices), group):
-            _train_group(dataset, fm, cfg, indices[j:j + group], epochs, root, mem, True,
+            _train_group(dataset, fm, cfg, indices[j:j + group], epochs, root, mem, batched,
                          dtype, device, progress, [stop_after_epochs], stats)
     else:
         for e in indices:
