@@ -218,8 +218,8 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
     Defaults are MTT's buffer (lr 0.01, momentum 0, batch 256, DSA). ``batched`` (``True``,
     ``"grouped"`` or ``"vmap"``, see the module docstring) trains ``group`` experts at a time
     (default: all) as one ensemble; ``batched=False`` one after another. With ``out_dir`` the
-    trajectories are written there (and an existing buffer with the same configuration is continued from its last saved epoch); without, they
-    are kept in memory. ``first_expert`` lets ranks (torchrun) train disjoint slices of one
+    trajectories are written there (and an existing buffer with the same configuration is
+    continued from its last saved epoch); without, they are kept in memory. ``first_expert`` lets ranks (torchrun) train disjoint slices of one
     buffer. ``stop_after_epochs`` trains every expert at most that many epochs in this call (time
     slicing; tests use it to interrupt). ``train_subset``: every expert trains on the same seeded
     subset of that many training images (a reduced buffer for CPU-sized runs; recorded in
