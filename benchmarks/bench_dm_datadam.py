@@ -13,7 +13,9 @@ Rows:
 
 * ``iteration``: the whole step. pydistill = ``pydistill_ext.methods.dm.dm_objective`` /
   ``datadam.datadam_objective`` (one forward per side, real side without a graph, fused
-  class_mean / attention_map) + backward + SGD; eager = ``reference.matching_eager
+  class_mean / attention_map) + backward + SGD, as the methods run by default: the frozen
+  ConvNet's passes through ``torch.compile`` (``compile=True``); "eager network" is the same
+  with ``compile=False``, to show what the compilation adds; eager = ``reference.matching_eager
   .dm_iteration`` (two forwards per class, as main_DM.py) / ``datadam_iteration`` (hooks on
   the ReLUs, eager attention, reshape means, as main_DataDAM.py).
 * ``matching only``: the loss from given network outputs, forward + backward (the part the
@@ -36,11 +38,11 @@ from pydistill_ext.methods.dm import dm_objective  # noqa: E402
 from pydistill_ext.models import get_model  # noqa: E402
 from reference import matching_eager as ref  # noqa: E402
 
-VARIANTS = ("pydistill", "eager")
+VARIANTS = ("pydistill", "pydistill_eager_net", "eager")
 
 
-def _ours_iteration(objective, net, xr, yr, syn, ys, opt, k):
-    loss = objective(net, xr, yr, syn, ys, k)
+def _ours_iteration(objective, net, xr, yr, syn, ys, opt, k, compile):
+    loss = objective(net, xr, yr, syn, ys, k, compile=compile)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -92,9 +94,13 @@ def run_problem(pr, reps):
         state[var] = (syn, torch.optim.SGD([syn], lr=1.0, momentum=0.5))
     objective = dm_objective if dm else datadam_objective
 
-    def ours():
-        syn, opt = state["pydistill"]
-        return _ours_iteration(objective, net, pr["xr"], pr["yr"], syn, pr["ys"], opt, k)
+    def ours(var="pydistill"):
+        syn, opt = state[var]
+        return _ours_iteration(objective, net, pr["xr"], pr["yr"], syn, pr["ys"], opt, k,
+                               compile=var == "pydistill")
+
+    def ours_eager_net():
+        return ours("pydistill_eager_net")
 
     def eager():
         syn, opt = state["eager"]
@@ -103,19 +109,23 @@ def run_problem(pr, reps):
         return ref.datadam_iteration(net, pr["per_class"], syn, opt, ipc, p=1.0, task_balance=0.01)
 
     # same loss and same first update first (a benchmark of a wrong step is worthless)
-    la, lb = ours(), eager()
+    la, lc, lb = ours(), ours_eager_net(), eager()   # (the first call compiles)
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
-    # the first updates agree up to float32 summation order (channels-last convolutions):
-    # relative L2 error of the image update
-    d_ours = state["pydistill"][0].detach() - pr["syn0"]
+    torch.testing.assert_close(lc, lb, rtol=1e-4, atol=1e-5)
+    # the first updates agree up to float32 summation order (channels-last convolutions,
+    # Inductor's fused kernels): relative L2 error of the image update
     d_eager = state["eager"][0].detach() - pr["syn0"]
-    rel = float((d_ours - d_eager).norm() / d_eager.norm())
-    assert rel < 1e-3, f"{pr['method']}: updates differ (relative L2 {rel:.2e})"
+    for var in VARIANTS[:2]:
+        d_ours = state[var][0].detach() - pr["syn0"]
+        rel = float((d_ours - d_eager).norm() / d_eager.norm())
+        assert rel < 1e-3, f"{pr['method']} {var}: updates differ (relative L2 {rel:.2e})"
     res = {"pydistill": harness.median_time(ours, reps, warmup=1),
+           "pydistill_eager_net": harness.median_time(ours_eager_net, reps, warmup=1),
            "eager": harness.median_time(eager, reps, warmup=1)}
     rows.append(dict(method=pr["method"], part="iteration", shape=pr["shape"],
                      **{f"{v}_s": t for v, t in res.items()},
-                     speedup=res["eager"] / res["pydistill"]))
+                     speedup=res["eager"] / res["pydistill"],
+                     speedup_eager_net=res["eager"] / res["pydistill_eager_net"]))
     print(_line(rows[-1]), flush=True)
     # ---- matching only (given the network's outputs), fwd + bwd
     syn = pr["syn0"]
@@ -181,8 +191,10 @@ def main(argv=None):
 
 
 def _line(r):
+    mid = (f"  (eager network {r['pydistill_eager_net_s'] * 1e3:.1f} ms)"
+           if "pydistill_eager_net_s" in r else "")
     return (f"{r['method']} {r['part']} ({r['shape']}): pydistill {r['pydistill_s'] * 1e3:.1f} ms"
-            f"  eager {r['eager_s'] * 1e3:.1f} ms  (x{r['speedup']:.2f})")
+            f"{mid}  eager {r['eager_s'] * 1e3:.1f} ms  (x{r['speedup']:.2f})")
 
 
 def _table(rows):
@@ -191,11 +203,17 @@ def _table(rows):
            f"{m['torch']}, at::vec {m['cpu_capability']}. float32, median ms over the reps, both "
            f"variants in one process. Command: `python -m benchmarks.bench_dm_datadam "
            f"{' '.join(sys.argv[1:])}`.", "",
-           "| method | part | problem | pydistill ms | eager anchor ms | speed-up |",
-           "|---|---|---|---|---|---|"]
+           "| method | part | problem | pydistill ms | pydistill, eager network ms | "
+           "eager anchor ms | speed-up | speed-up, eager network |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "pydistill_eager_net_s" in r:
+            mid = f"{r['pydistill_eager_net_s'] * 1e3:.1f}"
+            last = f"{r['speedup_eager_net']:.2f}×"
+        else:
+            mid = last = "–"
         out.append(f"| {r['method']} | {r['part']} | {r['shape']} | {r['pydistill_s'] * 1e3:.1f} | "
-                   f"{r['eager_s'] * 1e3:.1f} | {r['speedup']:.2f}× |")
+                   f"{mid} | {r['eager_s'] * 1e3:.1f} | {r['speedup']:.2f}× | {last} |")
     return "\n".join(out) + "\n"
 
 

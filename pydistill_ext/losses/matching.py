@@ -23,7 +23,7 @@ from torch import nn
 from pydistill_ext.ops.attention_map import attention_map
 from pydistill_ext.ops.class_mean import class_mean
 
-__all__ = ["dm_loss", "mmd", "attention_match_loss", "DMLoss", "MMDLoss", "AttentionMatchLoss",
+__all__ = ["dm_loss", "mmd", "attention_match_loss", "attention_means_loss", "DMLoss", "MMDLoss", "AttentionMatchLoss",
            "DEFAULT_RBF_SIGMAS", "DATADAM_P"]
 
 #: bandwidths of the multi-kernel RBF MMD (a geometric ladder around unit-scale features)
@@ -126,12 +126,28 @@ def attention_match_loss(maps_real: Sequence[torch.Tensor], labels_real: torch.T
         raise ValueError(f"attention_match_loss: {len(maps_real)} real maps vs {len(maps_syn)} synthetic")
     if len(maps_real) == 0:
         raise ValueError("attention_match_loss needs at least one layer")
-    total = None
     for fr, fs in zip(maps_real, maps_syn):
         if fr.shape[1:] != fs.shape[1:]:
             raise ValueError(f"layer shapes differ: {tuple(fr.shape)} vs {tuple(fs.shape)}")
-        term = _mean_match(attention_map(fr, p), labels_real, attention_map(fs, p), labels_syn,
-                           num_classes)
+    return attention_means_loss([attention_map(f, p) for f in maps_real], labels_real,
+                                [attention_map(f, p) for f in maps_syn], labels_syn, num_classes)
+
+
+def attention_means_loss(att_real: Sequence[torch.Tensor], labels_real: torch.Tensor,
+                         att_syn: Sequence[torch.Tensor], labels_syn: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """:func:`attention_match_loss` from attention maps already computed (one [N, H_l*W_l]
+    per layer, e.g. by ``pde.attention_map``): sum_l sum_c || mean A_l(real_c) -
+    mean A_l(syn_c) ||^2 by ``class_mean``. DataDAM's real side uses it to reduce each
+    chunk's activations to maps at once instead of keeping them."""
+    if len(att_real) != len(att_syn):
+        raise ValueError(f"attention_means_loss: {len(att_real)} real maps vs {len(att_syn)} synthetic")
+    if len(att_real) == 0:
+        raise ValueError("attention_means_loss needs at least one layer")
+    total = None
+    for ar, as_ in zip(att_real, att_syn):
+        _check_pair(ar, labels_real, as_, labels_syn, "attention_means_loss")
+        term = _mean_match(ar, labels_real, as_, labels_syn, num_classes)
         total = term if total is None else total + term
     return total
 

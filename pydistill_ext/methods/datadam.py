@@ -30,11 +30,13 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from pydistill_ext.losses.matching import attention_match_loss, dm_loss
+from pydistill_ext.losses.matching import attention_means_loss, dm_loss
 from pydistill_ext.methods.base import register_method
-from pydistill_ext.methods.dm import REAL_CHUNK, MatchingMethod, cpu_layout
+from pydistill_ext.methods.dm import MatchingMethod, compiled, cpu_layout, real_chunks
 from pydistill_ext.models.convnet import ConvNet
+from pydistill_ext.ops.attention_map import attention_map
 
 
 def maps_and_embedding(net, x) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -51,30 +53,62 @@ def maps_and_embedding(net, x) -> Tuple[List[torch.Tensor], torch.Tensor]:
     return maps, net.embed(x)
 
 
-def _real_side(net, x_real, n_att, chunk=REAL_CHUNK):
-    """Block activations (first ``n_att``) and embedding of the real batch, without a graph,
-    in chunks of ``chunk`` rows (channels-last on the CPU)."""
-    maps, embs = [[] for _ in range(n_att)], []
+def _attention_rows(f: torch.Tensor, p: float) -> torch.Tensor:
+    """normalize_L2(flatten(sum_ch |f|^p)) in plain torch ops, for use inside the compiled
+    region, where Inductor fuses it into the block's norm + ReLU kernel (and its backward
+    into theirs), so the block's activation is never copied out for a separate kernel;
+    ``pde.attention_map`` computes the same map on the eager path, and the tests hold the
+    two together."""
+    return F.normalize(f.abs().pow(p).sum(1).flatten(1), p=2.0, dim=1, eps=1e-12)
+
+
+def _attention_and_embedding(net, x, p: float):
+    """Every block's attention map and the embedding, from one pass (compiled real side)."""
+    maps, emb = maps_and_embedding(net, x)
+    return [_attention_rows(m, p) for m in maps], emb
+
+
+def _attention_pass(net, x, p: float, compile: bool):
+    if compile:
+        return compiled(_attention_and_embedding)(net, cpu_layout(x), float(p))
+    maps, emb = maps_and_embedding(net, cpu_layout(x))
+    return [attention_map(m, p) for m in maps], emb
+
+
+def _real_side(net, x_real, n_att, chunk=None, *, p=1.0, compile=False):
+    """Attention maps A_l [N, H_l*W_l] of the first ``n_att`` blocks and the embedding of
+    the real batch, without a graph, in chunks (``dm.real_chunks``; channels-last on the CPU).
+    Each chunk's activations are reduced to attention maps at once, so the full real
+    activations are never kept. Eager: ``pde.attention_map`` per chunk; ``compile``: each
+    chunk (network + maps) is one ``dm.compiled`` graph."""
+    atts, embs = [[] for _ in range(n_att)], []
     with torch.no_grad():
-        for c in x_real.split(chunk):
-            m, e = maps_and_embedding(net, cpu_layout(c))
-            for lst, t in zip(maps, m):
+        for c in real_chunks(x_real, chunk):
+            a, e = _attention_pass(net, c, p, compile)
+            for lst, t in zip(atts, a):
                 lst.append(t)
             embs.append(e)
-    return [torch.cat(lst) for lst in maps], torch.cat(embs)
+    return [torch.cat(lst) for lst in atts], torch.cat(embs)
 
 
 def datadam_objective(net, x_real, y_real, x_syn, y_syn, num_classes, p=1.0,
-                      task_balance=0.01) -> torch.Tensor:
+                      task_balance=0.01, *, compile=False) -> torch.Tensor:
     """DataDAM's loss for one network (module docstring): one pass per side (the real one
-    chunked, without a graph), fused attention maps and class means."""
-    maps_s, emb_s = maps_and_embedding(net, cpu_layout(x_syn))
+    chunked, without a graph, reduced to attention maps chunk by chunk), attention maps
+    (``pde.attention_map``) and class means (``pde.class_mean``). ``compile``: the network
+    passes run through ``dm.compiled``, the real side's maps inside the same graph (same
+    loss up to float32 rounding order)."""
+    # synthetic side (with a graph): the maps go through pde.attention_map's fused forward
+    # and backward (timed: as fast as folding the maps into the compiled graph, which pays
+    # for it in the saved-for-backward forward)
+    f = compiled(maps_and_embedding) if compile else maps_and_embedding
+    maps_s, emb_s = f(net, cpu_layout(x_syn))
     n_att = max(len(maps_s) - 1, 0)
-    maps_r, emb_r = _real_side(net, x_real, n_att)
+    att_s = [attention_map(m, p) for m in maps_s[:n_att]]
+    att_r, emb_r = _real_side(net, x_real, n_att, p=p, compile=compile)
     loss = 100.0 * task_balance * dm_loss(emb_r, y_real, emb_s, y_syn, num_classes)
     if n_att:
-        loss = loss + 100.0 * attention_match_loss(maps_r[:n_att], y_real, maps_s[:n_att], y_syn,
-                                                   num_classes, p=p)
+        loss = loss + 100.0 * attention_means_loss(att_r, y_real, att_s, y_syn, num_classes)
     return loss
 
 
@@ -86,7 +120,7 @@ class DataDAM(MatchingMethod):
     default_iterations = 8000
     options = {**MatchingMethod.options, "p": float, "task_balance": float}
     defaults = {"lr_img": 1.0, "batch_real": 64, "init": "real", "model": "convnet",
-                "dsa": True, "p": 1.0, "task_balance": 0.01}
+                "dsa": True, "p": 1.0, "task_balance": 0.01, "compile": True}
 
     def __init__(self, dataset, ipc, seed, device="cpu", **options):
         super().__init__(dataset, ipc, seed, device, **options)
@@ -96,4 +130,5 @@ class DataDAM(MatchingMethod):
 
     def objective(self, net, x_real, y_real, x_syn):
         return datadam_objective(net, x_real, y_real, x_syn, self._labels_dev, self.num_classes,
-                                 p=self.hp["p"], task_balance=self.hp["task_balance"])
+                                 p=self.hp["p"], task_balance=self.hp["task_balance"],
+                                 compile=self.hp["compile"])

@@ -35,7 +35,7 @@ def test_registered_with_defaults(digits):
     assert cls.default_iterations == 8000
     m = cls(digits, 1, 0)
     assert m.hp == {"lr_img": 1.0, "batch_real": 64, "init": "real", "model": "convnet",
-                    "dsa": True, "p": 1.0, "task_balance": 0.01}
+                    "dsa": True, "p": 1.0, "task_balance": 0.01, "compile": True}
     with pytest.raises(ValueError, match="p must be"):
         cls(digits, 1, 0, p=0.0)
 
@@ -105,13 +105,38 @@ def test_cli_end_to_end(tmp_path):
     assert len(json.loads((out / "metrics.json").read_text())["history"]["loss"]) == 2
 
 
-def test_chunked_real_side_equals_one_pass():
+@pytest.mark.parametrize("compile", [False, True])
+def test_chunked_real_side_equals_one_pass(compile):
+    """The real side, reduced to attention maps chunk by chunk (eager: pde.attention_map per
+    chunk; compiled: the plain-torch maps fused into the network graph), equals the attention
+    maps of one unchunked pass."""
     from pydistill_ext.methods.datadam import _real_side
+    from pydistill_ext.ops.attention_map import attention_map
     net = get_model("convnet", 3, 10, (16, 16), seed=4).requires_grad_(False)
     x = torch.randn(19, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    maps, emb = _real_side(net, x, 2, chunk=5)
-    want_maps, want_emb = maps_and_embedding(net, x)
-    assert len(maps) == 2
-    for a, b in zip(maps, want_maps[:2]):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(emb, want_emb.detach(), rtol=1e-4, atol=1e-5)
+    for p in (1.0, 4.0):
+        att, emb = _real_side(net, x, 2, chunk=5, p=p, compile=compile)
+        want_maps, want_emb = maps_and_embedding(net, x)
+        assert len(att) == 2
+        for a, m in zip(att, want_maps[:2]):
+            assert a.shape == (19, m.shape[2] * m.shape[3])
+            torch.testing.assert_close(a, attention_map(m.detach(), p), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(emb, want_emb.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_means_loss_equals_attention_match_loss():
+    from pydistill_ext.losses import attention_match_loss, attention_means_loss
+    from pydistill_ext.ops.attention_map import attention_map
+    g = torch.Generator().manual_seed(2)
+    fr = [torch.randn(12, 4, 5, 5, generator=g), torch.randn(12, 4, 3, 3, generator=g)]
+    fs = [torch.randn(6, 4, 5, 5, generator=g), torch.randn(6, 4, 3, 3, generator=g)]
+    yr, ys = torch.arange(3).repeat(4), torch.tensor([0, 0, 1, 1, 2, 2])
+    want = attention_match_loss(fr, yr, fs, ys, 3, p=2.0)
+    got = attention_means_loss([attention_map(f, 2.0) for f in fr], yr,
+                               [attention_map(f, 2.0) for f in fs], ys, 3)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="1 real maps vs 2"):
+        attention_means_loss([attention_map(fr[0], 2.0)], yr,
+                             [attention_map(f, 2.0) for f in fs], ys, 3)
+    with pytest.raises(ValueError, match="widths differ"):
+        attention_means_loss([attention_map(fr[0], 2.0)], yr, [attention_map(fs[1], 2.0)], ys, 3)

@@ -35,7 +35,8 @@ def test_registered_with_paper_defaults(digits):
     assert cls.default_iterations == 20000
     m = cls(digits, 2, 0)
     assert m.hp == {"lr_img": 1.0, "batch_real": 256, "init": "real", "model": "convnet",
-                    "dsa": True}
+                    "dsa": True, "compile": True}
+    assert cls(digits, 1, 0, compile="false").hp["compile"] is False
     assert m.opt.param_groups[0]["momentum"] == 0.5 and m.opt.param_groups[0]["lr"] == 1.0
     assert m.strategy == "color_crop_cutout_scale_rotate"   # no flip for digits
     # real init: every synthetic image is a training image of its class
@@ -117,3 +118,31 @@ def test_chunked_channels_last_real_embedding_equals_one_forward():
     got = embed_real(net, x, chunk=7)
     assert got.shape == (23, net.num_feat) and not got.requires_grad
     torch.testing.assert_close(got, net.embed(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dm", "datadam"])
+def test_compiled_objective_matches_eager_without_recompiling_per_network(method):
+    """compile=True (the methods' default) runs both network passes through
+    ``dm.compiled``: the loss and the image gradient equal the eager ones up to float32
+    rounding, and a fresh network (new weights, as every iteration draws) reuses the graphs."""
+    from torch._dynamo.utils import counters
+    from pydistill_ext.methods.datadam import datadam_objective
+    objective = dm_objective if method == "dm" else datadam_objective
+    g = torch.Generator().manual_seed(0)
+    xr = torch.randn(40, 3, 12, 12, generator=g)
+    yr = torch.arange(4).repeat_interleave(10)
+    xs0 = torch.randn(8, 3, 12, 12, generator=g)
+    ys = torch.arange(4).repeat_interleave(2)
+    graphs = []
+    for seed in range(3):
+        net = get_model("convnet", 3, 4, (12, 12), seed=seed, width=16).requires_grad_(False)
+        out = []
+        for comp in (False, True):
+            xs = xs0.clone().requires_grad_(True)
+            loss = objective(net, xr, yr, xs, ys, 4, compile=comp)
+            loss.backward()
+            out.append((loss.detach(), xs.grad))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-3, atol=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[2] == graphs[0], graphs
