@@ -14,7 +14,9 @@ class (two forwards per class) with one DSA seed per class. Here every class goe
 forward per side and the class means come from one fused ``pde.class_mean`` per side
 (:func:`pydistill_ext.losses.matching.dm_loss`); consequently one DSA seed (one augmentation)
 is shared by all classes in an iteration instead of one per class. The objective per seed is
-the same; the augmentation is drawn less often.
+the same; the augmentation is drawn less often. The frozen network's passes run through
+``torch.compile`` (option ``compile``, default on; ``--option compile=false`` runs eager), the
+real side in cache-sized chunks without a graph.
 
 All randomness (network seeds, real batches, DSA seeds, noise init) comes from the method's
 own ``torch.Generator``, which is part of ``state_dict()``: resume is bitwise exact.
