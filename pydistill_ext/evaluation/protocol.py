@@ -4,10 +4,10 @@ test it on the real test split, repeat with independent seeds, report mean ± st
 Defaults follow ``evaluate_synset`` of the DC / DSA / DM / MTT code (REFERENCE.md 5.7): SGD with
 momentum 0.9 and weight decay 5e-4, lr 0.01 decayed ×0.1 at half of the epochs, batch 256,
 differentiable Siamese augmentation during training, 1000 epochs in the papers (configurable;
-CPU runs use fewer and say so). ``compile=True`` trains through ``torch.compile(model)`` (same
-parameters and optimiser; measured 1.6x faster per epoch for ConvNet-3 on one CPU core, where
-Inductor fuses norm + ReLU + pool); it changes only the floating-point summation order. Soft labels (float [N, classes], stored as logits, DATM /
-TESLA / SRe2L style) are trained with ``pde.kd_loss`` (forward KL to softmax(labels / T), whose
+CPU runs use fewer and say so). ``compile=True`` trains through ``torch.compile(model)``
+(same parameters and optimiser; measured 1.6x faster per epoch for ConvNet-3 on one CPU core,
+where Inductor fuses norm + ReLU + pool); it changes only the floating-point summation order.
+Soft labels (float [N, classes], stored as logits, DATM / TESLA / SRe2L style) are trained with ``pde.kd_loss`` (forward KL to softmax(labels / T), whose
 gradient equals the soft cross-entropy's).
 
 Every random choice (initialisation, batch order, augmentation) comes from the repeat's seed,

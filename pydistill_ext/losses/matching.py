@@ -23,8 +23,8 @@ from torch import nn
 from pydistill_ext.ops.attention_map import attention_map
 from pydistill_ext.ops.class_mean import class_mean
 
-__all__ = ["dm_loss", "mmd", "attention_match_loss", "attention_means_loss", "DMLoss", "MMDLoss", "AttentionMatchLoss",
-           "DEFAULT_RBF_SIGMAS", "DATADAM_P"]
+__all__ = ["dm_loss", "mmd", "attention_match_loss", "attention_means_loss", "DMLoss", "MMDLoss",
+           "AttentionMatchLoss", "DEFAULT_RBF_SIGMAS", "DATADAM_P"]
 
 #: bandwidths of the multi-kernel RBF MMD (a geometric ladder around unit-scale features)
 DEFAULT_RBF_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)

@@ -22,8 +22,9 @@ reproduces that.
 
 The fast path: one forward per side computing every block's activation and the embedding,
 attention maps by the fused ``pde.attention_map``, class means by ``pde.class_mean``
-(:func:`pydistill_ext.losses.matching.attention_match_loss`); the real side runs without an
-autograd graph.
+(:func:`pydistill_ext.losses.matching.attention_means_loss`); the real side runs without an
+autograd graph, in cache-sized chunks each reduced to its attention maps at once; the network
+passes go through ``torch.compile`` (option ``compile``, default on, as DM).
 """
 from __future__ import annotations
 
@@ -54,11 +55,10 @@ def maps_and_embedding(net, x) -> Tuple[List[torch.Tensor], torch.Tensor]:
 
 
 def _attention_rows(f: torch.Tensor, p: float) -> torch.Tensor:
-    """normalize_L2(flatten(sum_ch |f|^p)) in plain torch ops, for use inside the compiled
-    region, where Inductor fuses it into the block's norm + ReLU kernel (and its backward
-    into theirs), so the block's activation is never copied out for a separate kernel;
-    ``pde.attention_map`` computes the same map on the eager path, and the tests hold the
-    two together."""
+    """normalize_L2(flatten(sum_ch |f|^p)) in plain torch ops, for the compiled real side
+    (no graph), where Inductor fuses it into the block's norm + ReLU kernel, so the block's
+    activation is never copied out for a separate kernel; ``pde.attention_map`` computes the
+    same map everywhere else, and the tests hold the two together."""
     return F.normalize(f.abs().pow(p).sum(1).flatten(1), p=2.0, dim=1, eps=1e-12)
 
 
