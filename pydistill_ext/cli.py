@@ -283,6 +283,7 @@ def cmd_bench(args) -> int:
              "fused_linear_kd_loss": "benchmarks.bench_fused_linear_kd_loss",
              "feature_ops": "benchmarks.bench_feature_ops",
              "dm_datadam": "benchmarks.bench_dm_datadam",
+             "dc_step": "benchmarks.bench_dc_step",
              "bn_moments": "benchmarks.bench_bn_moments",
              "trajectory": "benchmarks.bench_trajectory",
              "dsa_augment": "benchmarks.bench_dsa_augment"}

@@ -64,6 +64,47 @@ def test_loss_equals_eager_anchor_float64(digits, metric):
     torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_chunked_compiled_real_gradients_equal_the_anchor_float64(digits, compile):
+    """The fast path of the matching loss (real class gradients through a compiled view of
+    the network, accumulated over 5-row chunks) equals the eager float64 anchor."""
+    net = get_model("convnet", 1, 10, digits.im_size, seed=4).double()
+    idx = digits.indices_per_class()
+    reals = [digits.train_images[i[:23]].double() for i in idx]
+    syn = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(2),
+                      dtype=torch.float64)
+    syn_a, syn_b = syn.clone().requires_grad_(True), syn.clone().requires_grad_(True)
+    forward = torch.compile(net, dynamic=False) if compile else None
+    ours = dc_mod.gradient_matching_loss(net, reals, [syn_a[2 * c:2 * c + 2] for c in range(10)],
+                                         forward=forward, chunk=5)
+    ref = dc_matching_loss(net, reals, [syn_b[2 * c:2 * c + 2] for c in range(10)], "ours")
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    ga, = torch.autograd.grad(ours, syn_a)
+    gb, = torch.autograd.grad(ref, syn_b)
+    torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-12)
+
+
+def test_chunked_compiled_inner_training_equals_one_batch(digits):
+    """The inner loop with a compiled forward and 7-row gradient chunks makes the same SGD
+    updates as one eager pass per minibatch (float64, instance norm: rows independent)."""
+    nets = []
+    for forward_chunk in (False, True):
+        m = get_method("dc")(digits, 10, 0, inner_loop=2)
+        m.images.data = m.images.data.double()
+        net = get_model("convnet", 1, 10, digits.im_size, seed=9).double()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        m.gen.manual_seed(5)
+        if forward_chunk:
+            m._train_network(net, opt, torch.compile(net, dynamic=False), 7)
+        else:
+            m._train_network(net, opt)
+        nets.append(net)
+    for p, q in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    fresh = get_model("convnet", 1, 10, digits.im_size, seed=9).double()
+    assert not torch.equal(next(fresh.parameters()), next(nets[0].parameters()))
+
+
 @pytest.mark.parametrize("name", ["dc", "dsa"])
 def test_step_loss_is_the_anchor_loss_of_its_batches(digits, monkeypatch, name):
     """Record what one step feeds the matching loss; the reported loss equals the float64
@@ -71,10 +112,10 @@ def test_step_loss_is_the_anchor_loss_of_its_batches(digits, monkeypatch, name):
     calls = []
     orig = dc_mod.gradient_matching_loss
 
-    def spy(net, reals, syns, metric="ours", classes=None):
+    def spy(net, reals, syns, metric="ours", classes=None, **kw):
         calls.append((net, [r.detach().clone() for r in reals],
                       [s.detach().clone() for s in syns], metric))
-        return orig(net, reals, syns, metric=metric, classes=classes)
+        return orig(net, reals, syns, metric=metric, classes=classes, **kw)
 
     monkeypatch.setattr(dc_mod, "gradient_matching_loss", spy)
     m = get_method(name)(digits, 1, 5, batch_real=32)
@@ -205,15 +246,17 @@ def test_batchnorm_model_freezes_statistics(digits, monkeypatch):
     seen = []
     orig = dc_mod.gradient_matching_loss
 
-    def spy(net, reals, syns, metric="ours", classes=None):
+    def spy(net, reals, syns, metric="ours", classes=None, **kw):
         bns = [mod for mod in net.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
-        seen.append([(mod.training, mod.running_mean.abs().sum().item()) for mod in bns])
-        return orig(net, reals, syns, metric=metric, classes=classes)
+        seen.append([(mod.training, mod.running_mean.abs().sum().item(), kw["chunk"])
+                     for mod in bns])
+        return orig(net, reals, syns, metric=metric, classes=classes, **kw)
 
     monkeypatch.setattr(dc_mod, "gradient_matching_loss", spy)
     out = get_method("dc")(digits, 1, 0, model="convnet-bn", batch_real=16).step(0)
     assert len(seen) == 1 and len(seen[0]) == 3
-    assert all(not training and mean > 0 for training, mean in seen[0])
+    assert all(not training and mean > 0 for training, mean, _ in seen[0])
+    assert all(chunk is None for *_, chunk in seen[0])   # BatchNorm: batches are not chunked
     assert out["loss"] > 0
 
 
