@@ -15,7 +15,7 @@ records are collected into benchmarks/results/methods_table.{json,md} beside the
 numbers (REFERENCE.md 6.1). A cell whose record exists is skipped, so an interrupted queue
 continues where it stopped; a distillation interrupted mid-run resumes from its checkpoint.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.methods_table [--compile] dm:mnist:1:120 datadam:cifar10:1:100
+    OMP_NUM_THREADS=1 python -m benchmarks.methods_table [--compile --chunk 32] dm:mnist:1:120 datadam:cifar10:1:100
 """
 from __future__ import annotations
 
@@ -86,6 +86,8 @@ def main(argv=None):
     p.add_argument("--name", default="methods_table")
     p.add_argument("--compile", action="store_true",
                    help="evaluate with `pydistill eval --compile` (1.6x faster per epoch on CPU)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="evaluate with `pydistill eval --chunk N` (gradient in N-row pieces)")
     args = p.parse_args(argv)
 
     exe = [sys.executable, "-m", "pydistill_ext.cli"]
@@ -121,7 +123,8 @@ def main(argv=None):
             sh(exe + ["eval", str(out / "distilled.safetensors"), "--dataset", ds,
                       "--model", args.model, "--epochs", str(args.epochs),
                       "--repeats", str(args.repeats), "--resume", "--quiet"]
-               + (["--compile"] if args.compile else []))
+               + (["--compile"] if args.compile else [])
+               + (["--chunk", str(args.chunk)] if args.chunk else []))
             rec = json.loads(rec_path.read_text())
         metrics = json.loads((out / "metrics.json").read_text())
         rows = json.loads(results_path.read_text()) if results_path.exists() else []
@@ -130,6 +133,7 @@ def main(argv=None):
                      "seconds_per_iteration": metrics.get("seconds_per_iteration"),
                      "seconds_per_net": sum(rec["seconds"]) / len(rec["seconds"]),
                      "eval_compiled": bool(rec["config"].get("compile", False)),
+                     "eval_chunk": rec["config"].get("chunk"),
                      "paper": PAPER.get((ds, method), {}).get(ipc),
                      "paper_iterations": PAPER_ITERATIONS.get(method)})
         results_path.parent.mkdir(exist_ok=True)
@@ -172,6 +176,12 @@ def matrix_lines(rows, order):
     return out
 
 
+def _speed_tag(r):
+    if not r.get("eval_compiled") and not r.get("eval_chunk"):
+        return ""
+    return f" (c{r.get('eval_chunk') or ''})" if r.get("eval_compiled") else f" (chunk {r['eval_chunk']})"
+
+
 def write_md(rows, path):
     import torch
     order = {"mnist": 0, "fashion_mnist": 1, "cifar10": 2}
@@ -192,13 +202,14 @@ def write_md(rows, path):
         lines.append(f"| {r['dataset']} | {r['ipc']} | {name} | {r['iterations']} "
                      f"({r.get('paper_iterations')}) | {r['mean']:.2f} ± {r['std']:.2f} | "
                      f"{len(r['seeds'])} | {paper} | {'' if not spi else f'{spi:.1f}'} | "
-                     f"{r['seconds_per_net']:.0f}{' (c)' if r.get('eval_compiled') else ''} |")
+                     f"{r['seconds_per_net']:.0f}{_speed_tag(r)} |")
     lines.append("")
     lines.append(f"ConvNet-3 evaluation, {rows[0]['epochs'] if rows else ''} epochs (papers: 1000), "
                  f"distillation seed 0. Machine: {platform.processor() or platform.machine()}, "
                  f"one thread per process (OMP_NUM_THREADS=1), torch {torch.__version__}. "
-                 "(c): evaluated with `--compile` (torch.compile of the training forward; same "
-                 "protocol, only the rounding order differs).")
+                 "(c): evaluated with `--compile` (torch.compile of the training forward), (cN): "
+                 "and `--chunk N` (each minibatch's gradient summed over N-row pieces); the same "
+                 "protocol, only the rounding order differs.")
     path.write_text("\n".join(lines) + "\n")
 
 

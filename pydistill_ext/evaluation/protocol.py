@@ -7,6 +7,10 @@ differentiable Siamese augmentation during training, 1000 epochs in the papers (
 CPU runs use fewer and say so). ``compile=True`` trains through ``torch.compile(model)``
 (same parameters and optimiser; measured 1.6x faster per epoch for ConvNet-3 on one CPU core,
 where Inductor fuses norm + ReLU + pool); it changes only the floating-point summation order.
+``chunk=k`` computes each minibatch's gradient in pieces of k rows and sums them (loss pieces
+weighted by their share of the batch: the same gradient), for models whose rows do not
+interact (no BatchNorm; refused otherwise); pieces of 32 rows keep the activations in cache
+(measured 1.5x per epoch on top of ``compile`` for ConvNet-3 on one CPU core).
 Soft labels (float [N, classes], stored as logits, DATM / TESLA / SRe2L style) are trained with ``pde.kd_loss`` (forward KL to softmax(labels / T), whose
 gradient equals the soft cross-entropy's).
 
@@ -42,6 +46,7 @@ class EvalConfig:
     test_batch_size: int = 2000
     device: str = "cpu"
     compile: bool = False                    # torch.compile the network's training forward
+    chunk: Optional[int] = None              # rows per gradient piece (no BatchNorm models)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -54,6 +59,8 @@ class EvalConfig:
             raise ValueError(f"augment must be 'dsa' or 'none', got {self.augment!r}")
         if not self.soft_temperature > 0:
             raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or int(self.chunk) < 1):
+            raise ValueError(f"chunk must be None or an integer >= 1, got {self.chunk!r}")
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -131,6 +138,10 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, dataset, config: E
         augment = dsa_augment
         strategy = config.dsa_strategy or default_strategy(dataset.name)
     n = images.shape[0]
+    if config.chunk is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                        for m in model.modules()):
+        raise ValueError(f"chunk={config.chunk}: model {config.model!r} has BatchNorm, whose "
+                         "batch statistics couple the rows; evaluate it without chunk")
     model.train()
     forward = torch.compile(model) if config.compile else model
     epochs = range(config.epochs)
@@ -148,11 +159,16 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, dataset, config: E
             if augment is not None:
                 aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
                 x = augment(x, seed=aug_seed, strategy=strategy)
-            loss = _batch_loss(forward(x), y, config.soft_temperature)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step = config.chunk or x.shape[0]
+            loss = 0.0
+            for xc, yc in zip(x.split(step), y.split(step)):
+                piece = _batch_loss(forward(xc), yc, config.soft_temperature) \
+                    * (xc.shape[0] / x.shape[0])
+                piece.backward()
+                loss += float(piece.detach())
             opt.step()
-            total += float(loss.detach()) * idx.numel()
+            total += loss * idx.numel()
             seen += idx.numel()
         if history is not None:
             history.setdefault("train_loss", []).append(total / max(1, seen))

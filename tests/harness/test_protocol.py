@@ -145,13 +145,15 @@ def test_distilled_roundtrip(tmp_path, digits):
         DistilledSet(torch.full((1, 1, 2, 2), float("nan")), torch.zeros(1, dtype=torch.long))
 
 
-def test_compiled_training_matches_eager(digits):
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_compiled_training_matches_eager(digits, chunk):
     # compile=True trains the same parameters through torch.compile(model): only the rounding
     # order may differ, so after a few DSA-augmented epochs (two batch shapes: 32 and the
-    # remainder 18) the weights agree to float32 rounding, and the set is accepted unchanged.
+    # remainder 18) the weights agree to float32 rounding, also when each minibatch's gradient
+    # is summed over 7-row pieces.
     syn = random_subset(digits, 5, seed=0)
     eager = EvalConfig(model="convnet-small", epochs=3, batch_size=32, augment="dsa")
-    compiled = EvalConfig(**{**eager.to_dict(), "compile": True})
+    compiled = EvalConfig(**{**eager.to_dict(), "compile": True, "chunk": chunk})
     from torch._dynamo.utils import counters
     counters.clear()
     a = train_network(syn.images, syn.labels, digits, eager, 2)
@@ -167,3 +169,19 @@ def test_compiled_training_matches_eager(digits):
 def get_untrained(digits):
     from pydistill_ext.models import get_model
     return get_model("convnet-small", digits.channels, digits.num_classes, digits.im_size, seed=2)
+
+
+def test_chunked_training_equals_whole_batches_and_refuses_batchnorm(digits):
+    syn = random_subset(digits, 3, seed=0)
+    cfg = EvalConfig(model="convnet-small", epochs=2, batch_size=16, augment="none",
+                     lr=0.05)
+    a = train_network(syn.images, syn.labels, digits, cfg, 4)
+    b = train_network(syn.images, syn.labels, digits,
+                      EvalConfig(**{**cfg.to_dict(), "chunk": 5}), 4)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_network(syn.images, syn.labels, digits,
+                      EvalConfig(**{**cfg.to_dict(), "model": "convnet-bn", "chunk": 5}), 0)
+    with pytest.raises(ValueError, match="chunk"):
+        EvalConfig(chunk=0)
