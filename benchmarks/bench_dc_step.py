@@ -21,9 +21,7 @@ image updates agree (relative L2 difference < 1e-3) before timing.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 
 import torch
@@ -102,16 +100,7 @@ def run(smoke, reps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep, nothing written")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
-    p.add_argument("--name", default="bench_dc_step")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (1 on the shared 2-core machine)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = harness.parse_bench_args(harness.bench_parser(__doc__, "bench_dc_step", 3), argv)
     rows = run(a.smoke, 1 if a.smoke else a.reps)
     m = harness.machine()
     table = "\n".join([

@@ -24,8 +24,6 @@ Rows:
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
@@ -170,16 +168,7 @@ def run_problem(pr, reps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep, nothing written")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(harness.HERE, "results"))
-    p.add_argument("--name", default="bench_dm_datadam")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (1 on the shared 2-core machine)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = harness.parse_bench_args(harness.bench_parser(__doc__, "bench_dm_datadam", 5), argv)
     reps = 1 if a.smoke else a.reps
     rows = []
     for pr in problems(a.smoke):

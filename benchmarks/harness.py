@@ -42,6 +42,28 @@ def machine() -> Dict[str, str]:
     return info
 
 
+def bench_parser(doc: str, name: str, reps: int):
+    """The options every CPU-side benchmark script shares: --smoke (tiny shapes, one rep,
+    nothing written), --reps, --out, --name, --threads (applied by :func:`parse_bench_args`)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep, nothing written")
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--name", default=name)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (1 on the shared 2-core machine)")
+    return p
+
+
+def parse_bench_args(parser, argv=None):
+    a = parser.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return a
+
+
 def median_time(fn: Callable[[], object], reps: int, warmup: int = 1, sync=None) -> float:
     """Median wall time in seconds of fn() over reps runs after warmup runs."""
     for _ in range(warmup):
