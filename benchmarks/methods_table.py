@@ -166,7 +166,7 @@ def matrix_lines(rows, order):
             if r is None:
                 row.append("–")
                 continue
-            text = f"{r['mean']:.1f} ± {r['std']:.1f}"
+            text = f"{r['mean']:.2f} ± {r['std']:.2f}"
             if m != "random":
                 text += f" ({r['iterations']})"
                 if base is not None and r["mean"] - r["std"] > base["mean"] + base["std"]:
