@@ -86,3 +86,15 @@ def _load_builtin():
         mod = f"pydistill_ext.methods.{name}"
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod)
+
+
+def as_bool(v) -> bool:
+    """A method option's boolean: a bool, 0 / 1, or a string from the command line
+    (``1/true/yes/on`` or ``0/false/no/off``); anything else is refused."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.lower() in ("1", "true", "yes", "on")
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ValueError(f"expected a boolean, got {v!r}")

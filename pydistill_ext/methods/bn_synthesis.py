@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from pydistill_ext.artifacts import DistilledSet
 from pydistill_ext.augment.dsa import default_strategy
 from pydistill_ext.losses.bn_matching import BNStatMatcher
-from pydistill_ext.methods.base import DistillMethod, register_method
-from pydistill_ext.methods.dm import _as_bool
+from pydistill_ext.methods.base import DistillMethod, as_bool, register_method
 from pydistill_ext.methods.squeeze import load_teacher
 
 __all__ = ["BNSynthesis", "DeepInversion", "SRe2L", "CDA", "CVDD", "image_prior_losses"]
@@ -96,7 +95,7 @@ class BNSynthesis(DistillMethod):
             hp["jitter"] = self.default_jitter(h)
         if hp["flip"] is None:
             hp["flip"] = "flip" in default_strategy(dataset.name)  # no flip for digits
-        hp["flip"], hp["clip"] = _as_bool(hp["flip"]), _as_bool(hp["clip"])
+        hp["flip"], hp["clip"] = as_bool(hp["flip"]), as_bool(hp["clip"])
         for k in ("r_bn", "lr", "first_bn_multiplier", "var_weight", "tv_l2", "tv_l1", "l2",
                   "adi_scale"):
             hp[k] = float(hp[k])

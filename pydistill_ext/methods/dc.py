@@ -57,7 +57,7 @@ from torch import nn
 import pydistill_ext as pde
 from pydistill_ext.artifacts import DistilledSet
 from pydistill_ext.augment.dsa import default_strategy, dsa_augment
-from pydistill_ext.methods.base import DistillMethod, register_method
+from pydistill_ext.methods.base import DistillMethod, as_bool, register_method
 from pydistill_ext.models import get_model
 
 __all__ = ["DC_LOOPS", "dc_loops", "class_gradients", "gradient_matching_loss",
@@ -176,8 +176,7 @@ class _GradientMatching(DistillMethod):
                  batch_real=256, outer_loop=None, inner_loop=None, init="real",
                  model="convnet", metric="ours", compile=True, **options):
         super().__init__(dataset, ipc, seed, device, **options)
-        from pydistill_ext.methods.dm import _as_bool
-        self.compile = _as_bool(compile)
+        self.compile = as_bool(compile)
         outer_default, inner_default = dc_loops(ipc)
         self.lr_img = _positive(lr_img, "lr_img", float)
         self.lr_net = _positive(lr_net, "lr_net", float)

@@ -31,7 +31,7 @@ import torch
 from pydistill_ext.artifacts import DistilledSet
 from pydistill_ext.augment.dsa import default_strategy, dsa_augment
 from pydistill_ext.losses.matching import dm_loss
-from pydistill_ext.methods.base import DistillMethod, register_method
+from pydistill_ext.methods.base import DistillMethod, as_bool, register_method
 from pydistill_ext.models import get_model
 
 _SEED_HIGH = 2 ** 31 - 1
@@ -50,8 +50,8 @@ class MatchingMethod(DistillMethod):
         super().__init__(dataset, ipc, seed, device, **options)
         hp = {**self.defaults, **options}
         hp["lr_img"], hp["batch_real"] = float(hp["lr_img"]), int(hp["batch_real"])
-        hp["dsa"] = _as_bool(hp["dsa"])
-        hp["compile"] = _as_bool(hp.get("compile", True))
+        hp["dsa"] = as_bool(hp["dsa"])
+        hp["compile"] = as_bool(hp.get("compile", True))
         if hp["init"] not in ("real", "noise"):
             raise ValueError(f"init must be 'real' or 'noise', got {hp['init']!r}")
         if hp["batch_real"] < 1:
@@ -148,15 +148,6 @@ class MatchingMethod(DistillMethod):
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
 
-
-def _as_bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return v.lower() in ("1", "true", "yes", "on")
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    raise ValueError(f"expected a boolean, got {v!r}")
 
 
 #: rows per forward of the real side on the CPU (no graph): small enough for a chunk's

@@ -155,6 +155,7 @@ def test_compiled_training_matches_eager(digits, chunk):
     eager = EvalConfig(model="convnet-small", epochs=3, batch_size=32, augment="dsa")
     compiled = EvalConfig(**{**eager.to_dict(), "compile": True, "chunk": chunk})
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()   # graphs cached by earlier tests would otherwise be reused silently
     counters.clear()
     a = train_network(syn.images, syn.labels, digits, eager, 2)
     assert counters["stats"]["calls_captured"] == 0

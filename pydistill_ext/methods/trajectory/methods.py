@@ -54,8 +54,7 @@ import torch
 
 from pydistill_ext.artifacts import DistilledSet
 from pydistill_ext.augment.dsa import default_strategy
-from pydistill_ext.methods.base import DistillMethod, register_method
-from pydistill_ext.methods.dm import _as_bool
+from pydistill_ext.methods.base import DistillMethod, as_bool, register_method
 from pydistill_ext.methods.trajectory.experts import ExpertBuffer, train_experts
 from pydistill_ext.methods.trajectory.unroll import MODES, Augment, trajectory_step
 
@@ -96,7 +95,7 @@ class MTT(DistillMethod):
             hp["checkpoint_every"] = int(hp["checkpoint_every"])
         if hp["expert_sam"] in ("none", "", "None"):
             hp["expert_sam"] = None
-        hp["dsa"] = _as_bool(hp["dsa"])
+        hp["dsa"] = as_bool(hp["dsa"])
         if hp["mode"] not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {hp['mode']!r}")
         if hp["init"] not in ("real", "noise"):
@@ -333,7 +332,7 @@ class TESLA(MTT):
     options = {**MTT.options, "soft_labels": bool}
 
     def _setup(self):
-        self.hp["soft_labels"] = _as_bool(self.hp["soft_labels"])
+        self.hp["soft_labels"] = as_bool(self.hp["soft_labels"])
 
     def inner_labels(self, target):
         if not self.hp["soft_labels"]:
