@@ -11,8 +11,9 @@ where Inductor fuses norm + ReLU + pool); it changes only the floating-point sum
 weighted by their share of the batch: the same gradient), for models whose rows do not
 interact (no BatchNorm; refused otherwise); pieces of 32 rows keep the activations in cache
 (measured 1.5x per epoch on top of ``compile`` for ConvNet-3 on one CPU core).
-Soft labels (float [N, classes], stored as logits, DATM / TESLA / SRe2L style) are trained with ``pde.kd_loss`` (forward KL to softmax(labels / T), whose
-gradient equals the soft cross-entropy's).
+Soft labels (float [N, classes], stored as logits, DATM / TESLA / SRe2L style) are trained
+with ``pde.kd_loss`` (forward KL to softmax(labels / T), whose gradient equals the soft
+cross-entropy's).
 
 Every random choice (initialisation, batch order, augmentation) comes from the repeat's seed,
 so a repeat is reproducible on its own and results do not depend on how repeats are spread
@@ -138,8 +139,8 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, dataset, config: E
         augment = dsa_augment
         strategy = config.dsa_strategy or default_strategy(dataset.name)
     n = images.shape[0]
-    if config.chunk is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                        for m in model.modules()):
+    from pydistill_ext.losses.bn_matching import bn_layers
+    if config.chunk is not None and bn_layers(model):
         raise ValueError(f"chunk={config.chunk}: model {config.model!r} has BatchNorm, whose "
                          "batch statistics couple the rows; evaluate it without chunk")
     model.train()

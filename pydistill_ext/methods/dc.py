@@ -57,6 +57,7 @@ from torch import nn
 import pydistill_ext as pde
 from pydistill_ext.artifacts import DistilledSet
 from pydistill_ext.augment.dsa import default_strategy, dsa_augment
+from pydistill_ext.losses.bn_matching import bn_layers
 from pydistill_ext.methods.base import DistillMethod, as_bool, register_method
 from pydistill_ext.models import get_model
 
@@ -138,10 +139,6 @@ def gradient_matching_loss(net: nn.Module, real_batches: Sequence[torch.Tensor],
         d = pde.gradient_match_distance(g_real, g_syn, metric=metric)
         loss = d if loss is None else loss + d
     return loss
-
-
-def _has_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 def _freeze_batchnorm(net: nn.Module, x: torch.Tensor) -> None:
@@ -271,7 +268,7 @@ class _GradientMatching(DistillMethod):
         (``compile``: ``torch.compile(net, dynamic=False)``, the same parameters) and
         ``GRAD_CHUNK``-row chunks on the CPU when no BatchNorm couples a batch's rows."""
         forward = torch.compile(net, dynamic=False) if self.compile else None
-        chunk = (GRAD_CHUNK if self.device.type == "cpu" and not _has_batchnorm(net)
+        chunk = (GRAD_CHUNK if self.device.type == "cpu" and not bn_layers(net)
                  else None)
         return forward, chunk
 
@@ -281,7 +278,7 @@ class _GradientMatching(DistillMethod):
         net = self.new_network()
         params = [p for p in net.parameters()]
         opt_net = torch.optim.SGD(params, lr=self.lr_net)
-        bn = _has_batchnorm(net)
+        bn = bool(bn_layers(net))
         forward, chunk = self._fast_path(net)
         loss_sum = 0.0
         for ol in range(self.outer_loop):
