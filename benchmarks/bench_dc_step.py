@@ -68,7 +68,7 @@ def run(smoke, reps):
             loss = dc_matching_loss(net, reals, syns, "ours")
             forward, chunk = None, None
         else:
-            forward, chunk = m._fast_path(net)
+            forward, chunk = m._fast_path(net, bool(dc_mod.bn_layers(net)))
             loss = dc_mod.gradient_matching_loss(net, reals, syns, forward=forward, chunk=chunk)
         m.opt.zero_grad()
         loss.backward()

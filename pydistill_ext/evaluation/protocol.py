@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from pydistill_ext.chunked import chunked_backward
 from pydistill_ext.models import get_model
 
 
@@ -161,13 +162,9 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, dataset, config: E
                 aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
                 x = augment(x, seed=aug_seed, strategy=strategy)
             opt.zero_grad(set_to_none=True)
-            step = config.chunk or x.shape[0]
-            loss = 0.0
-            for xc, yc in zip(x.split(step), y.split(step)):
-                piece = _batch_loss(forward(xc), yc, config.soft_temperature) \
-                    * (xc.shape[0] / x.shape[0])
-                piece.backward()
-                loss += float(piece.detach())
+            loss = float(chunked_backward(
+                forward, x, y, lambda out, t: _batch_loss(out, t, config.soft_temperature),
+                config.chunk))
             opt.step()
             total += loss * idx.numel()
             seen += idx.numel()

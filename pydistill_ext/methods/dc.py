@@ -57,6 +57,7 @@ from torch import nn
 import pydistill_ext as pde
 from pydistill_ext.artifacts import DistilledSet
 from pydistill_ext.augment.dsa import default_strategy, dsa_augment
+from pydistill_ext.chunked import chunked_backward, chunked_grad
 from pydistill_ext.losses.bn_matching import bn_layers
 from pydistill_ext.methods.base import DistillMethod, as_bool, register_method
 from pydistill_ext.models import get_model
@@ -96,23 +97,14 @@ def class_gradients(net: nn.Module, x: torch.Tensor, label: int,
     A first-order gradient (``create_graph=False``) may run through ``forward`` (a compiled
     view of ``net`` sharing its parameters) and be accumulated over row chunks of ``chunk``
     rows: CE is the mean of per-row terms, so with rows that do not interact (no BatchNorm
-    in training mode) grad = sum_k grad(sum_{i in chunk k} CE_i) / n. The second-order
+    in training mode) the chunks' gradients add up (``pydistill_ext.chunked``). The second-order
     (``create_graph=True``) gradient always runs eagerly through ``net`` in one piece."""
-    n = x.shape[0]
-    if create_graph or (forward is None and (chunk is None or chunk >= n)):
-        out = net(x)
-        y = torch.full((n,), int(label), dtype=torch.long, device=x.device)
-        grads = torch.autograd.grad(F.cross_entropy(out, y), list(params),
-                                    create_graph=create_graph)
-        return list(grads) if create_graph else [g.detach() for g in grads]
-    f = net if forward is None else forward
-    total = None
-    for xc in x.split(chunk or n):
-        y = torch.full((xc.shape[0],), int(label), dtype=torch.long, device=x.device)
-        loss = F.cross_entropy(f(xc), y, reduction="sum") / n
-        grads = torch.autograd.grad(loss, list(params))
-        total = list(grads) if total is None else [a.add_(b) for a, b in zip(total, grads)]
-    return total
+    y = torch.full((x.shape[0],), int(label), dtype=torch.long, device=x.device)
+    if create_graph:
+        return list(torch.autograd.grad(F.cross_entropy(net(x), y), list(params),
+                                        create_graph=True))
+    return chunked_grad(net if forward is None else forward, x, y, F.cross_entropy, params,
+                        chunk)
 
 
 def gradient_matching_loss(net: nn.Module, real_batches: Sequence[torch.Tensor],
@@ -240,8 +232,8 @@ class _GradientMatching(DistillMethod):
         """DC's ``epoch('train', trainloader(syn, batch 256, shuffle), net, ...)``, inner_loop
         times (DSA: a per-sample DSA transform on every batch, as ``aug=True``). ``forward``:
         a compiled view of ``net``; ``chunk``: each minibatch's gradient accumulated over row
-        chunks (sum of per-row CE / batch size: the same gradient), only for networks whose
-        rows do not interact."""
+        chunks (``pydistill_ext.chunked``: the same gradient), only for networks whose rows do
+        not interact."""
         x_all = self.images.detach().clone()
         y_all = self.labels.to(self.device)
         n = x_all.shape[0]
@@ -257,19 +249,15 @@ class _GradientMatching(DistillMethod):
                                     per_sample=True)
                 y = y_all[idx]
                 opt.zero_grad()
-                step = chunk or x.shape[0]
-                for xc, yc in zip(x.split(step), y.split(step)):
-                    loss = F.cross_entropy(f(xc), yc, reduction="sum") / x.shape[0]
-                    loss.backward()
+                chunked_backward(f, x, y, F.cross_entropy, chunk)
                 opt.step()
 
-    def _fast_path(self, net: nn.Module):
+    def _fast_path(self, net: nn.Module, has_bn: bool):
         """(forward, chunk) for the first-order passes of this network: a compiled view
         (``compile``: ``torch.compile(net, dynamic=False)``, the same parameters) and
         ``GRAD_CHUNK``-row chunks on the CPU when no BatchNorm couples a batch's rows."""
         forward = torch.compile(net, dynamic=False) if self.compile else None
-        chunk = (GRAD_CHUNK if self.device.type == "cpu" and not bn_layers(net)
-                 else None)
+        chunk = GRAD_CHUNK if self.device.type == "cpu" and not has_bn else None
         return forward, chunk
 
     # ------------------------------------------------------------------ the method
@@ -279,7 +267,7 @@ class _GradientMatching(DistillMethod):
         params = [p for p in net.parameters()]
         opt_net = torch.optim.SGD(params, lr=self.lr_net)
         bn = bool(bn_layers(net))
-        forward, chunk = self._fast_path(net)
+        forward, chunk = self._fast_path(net, bn)
         loss_sum = 0.0
         for ol in range(self.outer_loop):
             if bn:
