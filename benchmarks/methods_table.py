@@ -177,9 +177,11 @@ def matrix_lines(rows, order):
 
 
 def _speed_tag(r):
-    if not r.get("eval_compiled") and not r.get("eval_chunk"):
-        return ""
-    return f" (c{r.get('eval_chunk') or ''})" if r.get("eval_compiled") else f" (chunk {r['eval_chunk']})"
+    """How a row was evaluated: " (c)" compiled, " (c32)" compiled with 32-row chunks,
+    " (chunk 32)" chunks alone, "" the plain protocol."""
+    if r.get("eval_compiled"):
+        return f" (c{r.get('eval_chunk') or ''})"
+    return f" (chunk {r['eval_chunk']})" if r.get("eval_chunk") else ""
 
 
 def write_md(rows, path):

@@ -149,7 +149,6 @@ class MatchingMethod(DistillMethod):
         self.gen.set_state(state["gen"])
 
 
-
 #: rows per forward of the real side on the CPU (no graph): small enough for a chunk's
 #: activations to stay in cache. Measured on one EPYC core, 2,560 CIFAR-shaped rows through
 #: ConvNet-3: 16 rows per chunk 1.16 s compiled / 1.65 s eager, 128 rows 1.92 s / 2.33 s.

@@ -219,9 +219,10 @@ def train_experts(dataset, model_name: str = "convnet", num_experts: int = 1, ep
     ``"grouped"`` or ``"vmap"``, see the module docstring) trains ``group`` experts at a time
     (default: all) as one ensemble; ``batched=False`` one after another. With ``out_dir`` the
     trajectories are written there (and an existing buffer with the same configuration is
-    continued from its last saved epoch); without, they are kept in memory. ``first_expert`` lets ranks (torchrun) train disjoint slices of one
-    buffer. ``stop_after_epochs`` trains every expert at most that many epochs in this call (time
-    slicing; tests use it to interrupt). ``train_subset``: every expert trains on the same seeded
+    continued from its last saved epoch); without, they are kept in memory. ``first_expert``
+    lets ranks (torchrun) train disjoint slices of one buffer. ``stop_after_epochs`` trains
+    every expert at most that many epochs in this call (time slicing; tests use it to
+    interrupt). ``train_subset``: every expert trains on the same seeded
     subset of that many training images (a reduced buffer for CPU-sized runs; recorded in
     the configuration). Returns the :class:`ExpertBuffer`.
     """
